@@ -1,0 +1,62 @@
+"""What every pass is: a named rewrite of a Relax module that returns its stats.
+
+Passes learn about the target through `CompileContext`, never by importing `targets/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileContext:
+    """Facts a pass may use: the TVM target, the profile's data, and the user's options."""
+
+    target: Any  # tvm.target.Target
+    target_name: str
+    features: tuple[str, ...] = ()
+    vector_bits: int = 0
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class GraphPass:
+    """Base class: subclasses set `name`, write a docstring saying what they rewrite, and `run`."""
+
+    name: ClassVar[str] = ""
+    # A required pass is one the build cannot do without (lowering to VM code): not skippable.
+    required: ClassVar[bool] = False
+
+    def run(self, mod: Any, ctx: CompileContext) -> tuple[Any, dict[str, Any]]:
+        raise NotImplementedError
+
+    @classmethod
+    def describe(cls) -> str:
+        return (cls.__doc__ or "").strip().splitlines()[0]
+
+
+class TvmPhase(GraphPass):
+    """A pass made of a fixed sequence of TVM transforms, measured by ops and kernels before/after."""
+
+    def transforms(self, ctx: CompileContext) -> list[Any]:
+        raise NotImplementedError
+
+    def extra_stats(self, before: Any, after: Any) -> dict[str, Any]:
+        return {}
+
+    def run(self, mod: Any, ctx: CompileContext) -> tuple[Any, dict[str, Any]]:
+        import tvm
+
+        from .stats import count_kernels, count_ops
+
+        ops_before, kernels_before = sum(count_ops(mod).values()), count_kernels(mod)
+        with ctx.target:
+            result = tvm.transform.Sequential(self.transforms(ctx))(mod)
+        stats = {
+            "ops_before": ops_before,
+            "ops_after": sum(count_ops(result).values()),
+            "kernels_before": kernels_before,
+            "kernels_after": count_kernels(result),
+        }
+        stats.update(self.extra_stats(mod, result))
+        return result, stats

@@ -1,0 +1,126 @@
+"""Target profiles: one TOML file per SoC unit or family, loaded into `TargetProfile` data.
+
+A profile says what the build needs to know about a chip (triple, cpu, features, vector width,
+toolchain commands, supported ops); the few facts data cannot say live in `TargetProfile` methods.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from toolchain.errors import UserError
+
+PROFILE_DIR = Path(__file__).resolve().parent
+
+# Feature names as people write them -> LLVM AArch64 subtarget attributes.
+_LLVM_FEATURE_NAMES = {"fp16": "fullfp16"}
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetProfile:
+    """A resolved target profile (every field filled, `extends` applied)."""
+
+    name: str
+    family: str
+    description: str
+    triple: str
+    cpu: str
+    arch: str
+    features: tuple[str, ...] = ()
+    vector_bits: int = 0
+    cxx: tuple[str, ...] = ()
+    emulator: tuple[str, ...] = ()
+    android_triple: str = ""
+    supported_ops: tuple[str, ...] = ()  # empty: every op the ONNX importer converts
+    default_passes: tuple[str, ...] = ()  # empty: the pipeline's standard list
+
+    @property
+    def is_host(self) -> bool:
+        return self.triple == "host"
+
+    @property
+    def llvm_mattr(self) -> list[str]:
+        return ["+" + _LLVM_FEATURE_NAMES.get(f, f) for f in self.features]
+
+    def tvm_target_json(self) -> dict[str, Any]:
+        """The TVM target as the JSON dict TVM 0.27 takes."""
+        if self.is_host:
+            from tvm.target import codegen  # compiler-side import, only when building
+
+            return {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()}
+        target: dict[str, Any] = {"kind": "llvm", "mtriple": self.triple}
+        if self.cpu and self.cpu != "generic":
+            target["mcpu"] = self.cpu
+        if self.features:
+            target["mattr"] = self.llvm_mattr
+        return target
+
+    def for_abi(self, abi: str, cc: str | None = None) -> "TargetProfile":
+        """The same profile for another ABI: `gnu` (Linux, the default) or `android` (NDK clang)."""
+        if abi == "gnu":
+            return self if cc is None else dataclasses.replace(self, cxx=(cc,))
+        if abi != "android":
+            raise UserError(f"unknown ABI {abi!r}: use 'gnu' or 'android'")
+        if self.is_host or not self.android_triple:
+            raise UserError(f"target {self.name!r} has no Android ABI")
+        if cc is None:
+            raise UserError("--abi android needs --cc PATH (the NDK's clang++ for aarch64, e.g. aarch64-linux-android33-clang++)")
+        # An Android build cannot be run under qemu-user with a glibc sysroot.
+        return dataclasses.replace(self, triple=self.android_triple, cxx=(cc,), emulator=())
+
+    def summary(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    with path.open("rb") as f:
+        return tomllib.load(f)
+
+
+def _resolve(raw: dict[str, Any], source: str, seen: tuple[str, ...] = ()) -> TargetProfile:
+    data = dict(raw)
+    parent = data.pop("extends", None)
+    if parent is not None:
+        if parent in seen:
+            raise UserError(f"target profile {source}: 'extends' loops through {parent!r}")
+        base = dataclasses.asdict(_resolve(_read_toml(PROFILE_DIR / f"{parent}.toml"), parent, seen + (parent,)))
+        base.update(data)
+        data = base
+    fields = {f.name for f in dataclasses.fields(TargetProfile)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise UserError(f"target profile {source}: unknown keys {', '.join(unknown)}")
+    for key in ("features", "cxx", "emulator", "supported_ops", "default_passes"):
+        data[key] = tuple(data.get(key, ()))
+    data.setdefault("family", data.get("name", source))
+    try:
+        return TargetProfile(**data)
+    except TypeError as exc:
+        raise UserError(f"target profile {source}: {exc}") from None
+
+
+def profile_names() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
+
+
+def load_profile(name_or_path: str | Path) -> TargetProfile:
+    """A profile by name (`arm-cpu`) or from a TOML file of the user's."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml":
+        if not path.is_file():
+            raise UserError(f"target profile file not found: {path}")
+        try:
+            return _resolve(_read_toml(path), str(path))
+        except tomllib.TOMLDecodeError as exc:
+            raise UserError(f"target profile {path}: bad TOML: {exc}") from None
+    name = str(name_or_path)
+    if name not in profile_names():
+        raise UserError(f"unknown target {name!r}; known: {', '.join(profile_names())}")
+    return _resolve(_read_toml(PROFILE_DIR / f"{name}.toml"), name)
+
+
+def all_profiles() -> list[TargetProfile]:
+    return [load_profile(n) for n in profile_names()]

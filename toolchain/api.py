@@ -1,0 +1,169 @@
+"""The Python API. The CLI is a thin layer over these functions; option names match its flags."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .artifact import MODEL_LIB, RUNNER, SCHEMA_VERSION, Artifact, commit_dir, finalize_manifest, staging_dir, write_archive
+from .errors import UserError
+from .progress import Progress
+from .targets import TargetProfile, load_profile
+from .verify import VerifyReport
+
+
+def resolve_target(target: str | TargetProfile, abi: str = "gnu", cc: str | None = None) -> TargetProfile:
+    profile = target if isinstance(target, TargetProfile) else load_profile(target)
+    return profile.for_abi(abi, cc)
+
+
+def compile(  # noqa: A001 - the toolchain's verb
+    model: str | Path,
+    target: str | TargetProfile = "host",
+    output: str | Path | None = None,
+    *,
+    shape: Mapping[str, Sequence[int]] | Sequence[str] | None = None,
+    no_simplify: bool = False,
+    passes: Sequence[str] | None = None,
+    skip_pass: Sequence[str] = (),
+    abi: str = "gnu",
+    cc: str | None = None,
+    archive: bool = False,
+    progress: bool | Progress = True,
+) -> Artifact:
+    """Compiles an ONNX file for a target profile into an artifact folder (and `.tar.gz` with archive).
+
+    `output` defaults to `<model stem>.<target>` beside the model. Nothing is written unless
+    the whole build succeeds; the folder appears in one rename.
+    """
+    from .build import check_toolchain, codegen, export_model
+    from .importer import import_onnx, parse_shape_options
+    from .passes import CompileContext
+    from .pipeline import run_passes, select_passes
+
+    log = progress if isinstance(progress, Progress) else Progress(enabled=bool(progress))
+    model_path = Path(model)
+    profile = resolve_target(target, abi, cc)
+    out_path = Path(output) if output is not None else model_path.with_name(f"{model_path.stem}.{profile.name}")
+    shapes = parse_shape_options(shape)
+    selected = select_passes(profile.default_passes, passes, skip_pass)
+    check_toolchain(profile)
+    options = {
+        "target": profile.name,
+        "abi": abi,
+        "cc": cc,
+        "shape": {k: list(v) for k, v in sorted(shapes.items())},
+        "no_simplify": no_simplify,
+        "passes": list(passes) if passes is not None else None,
+        "skip_pass": sorted(skip_pass),
+    }
+
+    imported = import_onnx(
+        model_path,
+        shape=shapes,
+        simplify_model=not no_simplify,
+        allowed_ops=profile.supported_ops,
+        progress=log,
+    )
+
+    import tvm
+
+    target_json = profile.tvm_target_json()
+    tvm_target = tvm.target.Target(target_json)
+    ctx = CompileContext(tvm_target, profile.name, profile.features, profile.vector_bits, options)
+    mod, records = run_passes(imported.mod, selected, ctx, log)
+    with log.stage("codegen"):
+        executable = codegen(mod, tvm_target)
+
+    staged = staging_dir(out_path)
+    try:
+        with log.stage("package") as summary:
+            export_model(executable, profile, staged / MODEL_LIB)
+            if not profile.is_host:
+                _add_device_runtime(staged, profile, log)
+            manifest = {
+                "schema_version": SCHEMA_VERSION,
+                "versions": _versions(),
+                "source": {
+                    "file": model_path.name,
+                    "sha256": imported.source_sha256,
+                    "opset": imported.opset,
+                    "producer": f"{imported.onnx_model.producer_name} {imported.onnx_model.producer_version}".strip(),
+                },
+                "target": {**profile.summary(), "tvm_target": target_json if not profile.is_host else {"kind": "llvm", "mcpu": "host"}},
+                "options": options,
+                "import": imported.stats,
+                "inputs": [s.to_json() for s in imported.inputs],
+                "outputs": [s.to_json() for s in imported.outputs],
+                "passes": [{"name": r.name, "stats": r.stats} for r in records],
+            }
+            manifest = finalize_manifest(staged, manifest)
+            summary.update(files=len(manifest["files"]), bytes=sum(f["size"] for f in manifest["files"].values()))
+        commit_dir(staged, out_path)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    if archive:
+        write_archive(out_path, out_path.with_name(out_path.name + ".tar.gz"))
+    artifact = Artifact.load(out_path)
+    artifact.timings = dict(log.seconds)  # type: ignore[attr-defined]
+    return artifact
+
+
+def _add_device_runtime(folder: Path, profile: TargetProfile, log: Progress) -> None:
+    """The TVM runtime built for the target, and the runner (also the app teams' loading example)."""
+    from . import crossrt
+
+    runtime_dir = crossrt.ensure_runtime(profile.triple, profile.cxx, log=log.note)
+    (folder / "runtime").mkdir()
+    for lib in ("libtvm_ffi.so", "libtvm_runtime.so"):
+        shutil.copyfile(runtime_dir / lib, folder / "runtime" / lib)
+    source = Path(crossrt.__file__).parent / "runtime_src" / "run_model.cc"
+    shutil.copyfile(source, folder / "run_model.cc")
+    crossrt.build_runner(runtime_dir, profile.cxx, folder / RUNNER)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {
+        "socc": __version__,
+        "apache-tvm": version("apache-tvm"),
+        "apache-tvm-ffi": version("apache-tvm-ffi"),
+        "onnx": version("onnx"),
+        "onnxsim": version("onnxsim"),
+    }
+
+
+def load(path: str | Path) -> Artifact:
+    """Opens an artifact folder or .tar.gz, checking every file against the manifest."""
+    from .artifact import open_artifact
+
+    return open_artifact(path)
+
+
+def run(artifact: str | Path | Artifact, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    art = artifact if isinstance(artifact, Artifact) else load(artifact)
+    return art.run(inputs)
+
+
+def verify(
+    artifact: str | Path | Artifact,
+    *,
+    model: str | Path | None = None,
+    inputs: Mapping[str, Any] | str | Path | None = None,
+    dim: Mapping[str, int] | Sequence[str] | None = None,
+    rtol: float | None = None,
+    seed: int = 0,
+) -> VerifyReport:
+    """Runs the artifact and onnxruntime on the source model with the same inputs and compares."""
+    from .verify import verify_artifact
+
+    art = artifact if isinstance(artifact, Artifact) else load(artifact)
+    return verify_artifact(art, model=model, inputs=inputs, dim=dim, rtol=rtol, seed=seed)
+
+
+__all__ = ["compile", "load", "run", "verify", "Artifact", "VerifyReport", "UserError"]

@@ -1,0 +1,181 @@
+"""The `socc` command: a thin layer over toolchain.api. Every flag has the same name in the API."""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from . import api
+from .errors import SoccError
+
+_state = {"debug": False, "json": False}
+
+
+def _emit(data: dict[str, Any], text: str) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str) if _state["json"] else text)
+
+
+def _split_commas(values: tuple[str, ...]) -> list[str]:
+    return [v.strip() for item in values for v in item.split(",") if v.strip()]
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show Python tracebacks on errors.")
+@click.version_option(package_name="socc")
+def cli(debug: bool) -> None:
+    """socc: compile ONNX models into verified artifacts for phone SoCs."""
+    _state["debug"] = debug
+
+
+@cli.command("compile")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--target", "-t", default="host", show_default=True, help="Target profile name (see `socc targets`) or a .toml file.")
+@click.option("--output", "-o", type=click.Path(path_type=Path), help="Artifact folder (default: MODEL_STEM.TARGET beside the model).")
+@click.option("--shape", multiple=True, metavar="NAME=D1,D2", help="Fix an input's shape, e.g. input_ids=1,128. Repeatable.")
+@click.option("--no-simplify", is_flag=True, help="Skip onnxsim simplification.")
+@click.option("--passes", multiple=True, metavar="A,B", help="Run only these passes (required lowering passes always run).")
+@click.option("--skip-pass", multiple=True, metavar="NAME", help="Skip a pass by name. Repeatable.")
+@click.option("--abi", type=click.Choice(["gnu", "android"]), default="gnu", show_default=True)
+@click.option("--cc", help="C++ compiler for the target (e.g. the NDK's aarch64 clang++).")
+@click.option("--archive", is_flag=True, help="Also write OUTPUT.tar.gz.")
+@click.option("--verify", "verify_after", is_flag=True, help="Run the artifact against onnxruntime after building.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
+@json_option
+def compile_command(model: Path, target: str, output: Path | None, shape: tuple[str, ...], no_simplify: bool,
+                    passes: tuple[str, ...], skip_pass: tuple[str, ...], abi: str, cc: str | None, archive: bool,
+                    verify_after: bool, quiet: bool, as_json: bool) -> None:
+    """Compile MODEL (.onnx) for a target into an artifact folder."""
+    _state["json"] = as_json
+    artifact = api.compile(
+        model, target, output, shape=list(shape), no_simplify=no_simplify,
+        passes=_split_commas(passes) if passes else None, skip_pass=_split_commas(skip_pass),
+        abi=abi, cc=cc, archive=archive, progress=not quiet,
+    )
+    result: dict[str, Any] = {"ok": True, "artifact": str(artifact.path), "target": artifact.target["name"],
+                              "files": artifact.manifest["files"], "seconds": getattr(artifact, "timings", {})}
+    text = f"wrote {artifact.path} ({artifact.target['name']}, {sum(f['size'] for f in artifact.manifest['files'].values())} bytes)"
+    if verify_after:
+        report = api.verify(artifact, model=model)
+        result["verify"] = report.to_json()
+        text += "\n" + report.table()
+        _emit(result, text)
+        if not report.ok:
+            sys.exit(1)
+        return
+    _emit(result, text)
+
+
+@cli.command("run")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--inputs", "inputs_path", required=True, type=click.Path(path_type=Path), help=".npz of named inputs.")
+@click.option("--outputs", "outputs_path", required=True, type=click.Path(path_type=Path), help=".npz to write the outputs to.")
+@json_option
+def run_command(artifact: Path, inputs_path: Path, outputs_path: Path, as_json: bool) -> None:
+    """Run an artifact (host in-process; other targets under their emulator)."""
+    from .verify import load_inputs
+
+    _state["json"] = as_json
+    outputs = api.run(artifact, load_inputs(inputs_path))
+    np.savez(outputs_path, **outputs)
+    summary = {name: {"shape": list(v.shape), "dtype": str(v.dtype)} for name, v in outputs.items()}
+    _emit({"ok": True, "outputs": summary, "path": str(outputs_path)},
+          "\n".join(f"{n}: {s['dtype']}{s['shape']}" for n, s in summary.items()) + f"\nwrote {outputs_path}")
+
+
+@cli.command("verify")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--inputs", "inputs_path", type=click.Path(path_type=Path), help=".npz of named inputs (default: random from the signature).")
+@click.option("--model", type=click.Path(path_type=Path), help="Source ONNX model (default: found next to the artifact by its hash).")
+@click.option("--dim", multiple=True, metavar="NAME=N", help="Value of a symbolic dimension for random inputs.")
+@click.option("--rtol", type=float, help="Max relative error allowed (default by dtype: float32 1e-4).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@json_option
+def verify_command(artifact: Path, inputs_path: Path | None, model: Path | None, dim: tuple[str, ...],
+                   rtol: float | None, seed: int, as_json: bool) -> None:
+    """Run an artifact and onnxruntime on the same inputs; exit 1 if outside tolerance."""
+    _state["json"] = as_json
+    report = api.verify(artifact, model=model, inputs=inputs_path, dim=list(dim), rtol=rtol, seed=seed)
+    _emit(report.to_json(), report.table())
+    if not report.ok:
+        sys.exit(1)
+
+
+@cli.command("targets")
+@json_option
+def targets_command(as_json: bool) -> None:
+    """List target profiles and their features."""
+    from .targets import all_profiles
+
+    _state["json"] = as_json
+    profiles = all_profiles()
+    rows = [f"{'name':<14}{'triple':<20}{'cpu':<12}{'vector':>7}  features"]
+    rows += [f"{p.name:<14}{p.triple:<20}{p.cpu:<12}{p.vector_bits:>7}  {','.join(p.features) or '(detected)'}" for p in profiles]
+    _emit({"targets": [p.summary() for p in profiles]}, "\n".join(rows))
+
+
+@cli.command("passes")
+@json_option
+def passes_command(as_json: bool) -> None:
+    """List the graph passes in pipeline order."""
+    from .passes import STANDARD_PIPELINE
+
+    _state["json"] = as_json
+    data = [{"name": p.name, "required": p.required, "does": p.describe()} for p in STANDARD_PIPELINE]
+    _emit({"passes": data}, "\n".join(f"{p['name']:<16}{'required' if p['required'] else 'optional':<10}{p['does']}" for p in data))
+
+
+@cli.command("inspect")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@json_option
+def inspect_command(artifact: Path, as_json: bool) -> None:
+    """Show an artifact's target, signature, passes and files (checksums verified)."""
+    _state["json"] = as_json
+    art = api.load(artifact)
+    m = art.manifest
+    lines = [f"artifact {art.path}", f"target   {m['target']['name']} ({m['target']['triple']}, {m['target']['cpu']})",
+             f"source   {m['source']['file']} sha256 {m['source']['sha256'][:16]} opset {m['source']['opset']}"]
+    lines += [f"input    {t['name']}: {t['dtype']}{t['shape']}" for t in m["inputs"]]
+    lines += [f"output   {t['name']}: {t['dtype']}{t['shape']}" for t in m["outputs"]]
+    for p in m["passes"]:
+        lines.append(f"pass     {p['name']:<16}" + " ".join(f"{k}={v}" for k, v in p["stats"].items()))
+    lines += [f"file     {name:<28}{f['size']:>12}  {f['sha256'][:16]}" for name, f in m["files"].items()]
+    _emit(m, "\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: one-line errors with exit code 2 (bad input) or 1 (verification), never a traceback."""
+    try:
+        cli.main(args=argv, prog_name="socc", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("socc: aborted", err=True)
+        sys.exit(130)
+    except SoccError as exc:
+        _fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, no traceback
+        _fail(f"internal error: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''} (run with --debug for the traceback)", 3)
+    sys.exit(0)
+
+
+def _fail(message: str, code: int) -> None:
+    if _state["debug"]:
+        traceback.print_exc()
+    if _state["json"]:
+        click.echo(json.dumps({"ok": False, "error": message, "exit_code": code}))
+    click.echo(f"socc: error: {message}", err=True)
+    sys.exit(code)

@@ -1,0 +1,59 @@
+"""The pass pipeline: which passes run, in what order, with their stats and timings."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from .errors import BuildError, UserError
+from .passes import REGISTRY, STANDARD_PIPELINE, CompileContext, GraphPass
+from .progress import SILENT, Progress
+
+
+@dataclasses.dataclass
+class PassRecord:
+    name: str
+    stats: dict[str, Any]
+    seconds: float
+
+
+def select_passes(
+    default: Sequence[str] = (),
+    passes: Sequence[str] | None = None,
+    skip_pass: Sequence[str] = (),
+) -> list[type[GraphPass]]:
+    """The passes to run, in pipeline order.
+
+    `default` is the target profile's list (empty: all standard passes); `passes` replaces it;
+    `skip_pass` removes names from it. Required passes (lowering) always run: naming one in
+    `skip_pass` is an error, and leaving one out of `passes` keeps it anyway.
+    """
+    for name in [*(passes or ()), *skip_pass, *default]:
+        if name not in REGISTRY:
+            raise UserError(f"unknown pass {name!r}; known passes: {', '.join(REGISTRY)}")
+    for name in skip_pass:
+        if REGISTRY[name].required:
+            raise UserError(f"pass {name!r} is required by the build and cannot be skipped")
+    chosen = set(passes if passes is not None else (default or REGISTRY))
+    chosen -= set(skip_pass)
+    return [p for p in STANDARD_PIPELINE if p.name in chosen or p.required]
+
+
+def run_passes(
+    mod: Any,
+    selected: Sequence[type[GraphPass]],
+    ctx: CompileContext,
+    progress: Progress = SILENT,
+) -> tuple[Any, list[PassRecord]]:
+    records = []
+    for pass_type in selected:
+        with progress.stage(pass_type.name) as summary:
+            try:
+                mod, stats = pass_type().run(mod, ctx)
+            except Exception as exc:  # noqa: BLE001 - a TVM failure becomes one line naming the pass
+                text = str(exc).strip().splitlines()
+                raise BuildError(f"pass {pass_type.name} failed: {type(exc).__name__}: {text[-1] if text else ''}") from exc
+            summary.update({k: v for k, v in stats.items() if k in ("ops_after", "kernels_after")})
+        records.append(PassRecord(pass_type.name, stats, progress.seconds.get(pass_type.name, 0.0)))
+    return mod, records

@@ -1,0 +1,187 @@
+"""Verification: run an artifact and onnxruntime on the same inputs, compare every output.
+
+Errors are measured as
+  max_abs  = max |artifact - reference|
+  max_rel  = max_abs / max |reference|   (relative to the output's scale, so zeros don't explode it)
+  cosine   = cosine similarity of the flattened outputs.
+An output passes when max_rel <= its dtype's tolerance (or exact equality for integer outputs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .artifact import Artifact
+from .errors import ArtifactError, UserError
+
+# Default max relative error by output dtype (0 means exact).
+DEFAULT_TOLERANCE = {"float32": 1e-4, "float64": 1e-9, "float16": 1e-2, "bfloat16": 2e-2}
+# Symbolic dims of random inputs: batch-like names get 1, others this value.
+DEFAULT_SYMBOLIC_DIM = 8
+
+
+@dataclasses.dataclass
+class OutputComparison:
+    name: str
+    dtype: str
+    shape: list[int]
+    max_abs: float
+    max_rel: float
+    cosine: float
+    tolerance: float
+    ok: bool
+
+
+@dataclasses.dataclass
+class VerifyReport:
+    artifact: str
+    target: str
+    reference: str
+    inputs: str
+    outputs: list[OutputComparison]
+
+    @property
+    def ok(self) -> bool:
+        return all(o.ok for o in self.outputs)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "ok": self.ok}
+
+    def table(self) -> str:
+        lines = [f"verify {self.artifact} ({self.target}) against onnxruntime on {self.reference}; inputs: {self.inputs}"]
+        lines.append(f"{'output':<24}{'shape':<20}{'max_abs':>12}{'max_rel':>12}{'cosine':>12}{'tol':>10}  result")
+        for o in self.outputs:
+            lines.append(
+                f"{o.name:<24}{str(o.shape):<20}{o.max_abs:12.3e}{o.max_rel:12.3e}{o.cosine:12.8f}{o.tolerance:10.1e}  {'ok' if o.ok else 'FAIL'}"
+            )
+        lines.append("PASS" if self.ok else "FAIL")
+        return "\n".join(lines)
+
+
+def compare(name: str, actual: np.ndarray, reference: np.ndarray, rtol: float | None = None) -> OutputComparison:
+    dtype = str(reference.dtype)
+    tolerance = rtol if rtol is not None else DEFAULT_TOLERANCE.get(dtype, 0.0)
+    if actual.shape != reference.shape:
+        return OutputComparison(name, dtype, list(reference.shape), float("inf"), float("inf"), 0.0, tolerance, False)
+    a = actual.astype(np.float64).ravel()
+    r = reference.astype(np.float64).ravel()
+    max_abs = float(np.max(np.abs(a - r))) if a.size else 0.0
+    scale = float(np.max(np.abs(r))) if r.size else 0.0
+    max_rel = max_abs / scale if scale > 0 else max_abs
+    norms = float(np.linalg.norm(a) * np.linalg.norm(r))
+    cosine = float(np.dot(a, r) / norms) if norms > 0 else float(np.array_equal(a, r))
+    finite = bool(np.all(np.isfinite(a)) == np.all(np.isfinite(r)))
+    ok = finite and (max_rel <= tolerance if tolerance > 0 else max_abs == 0.0)
+    return OutputComparison(name, dtype, list(reference.shape), max_abs, max_rel, cosine, tolerance, ok)
+
+
+def find_source_model(artifact: Artifact, model: str | Path | None) -> Path:
+    """The ONNX file the artifact was built from: `model`, or a file next to the artifact with the manifest's hash."""
+    source = artifact.manifest["source"]
+    if model is not None:
+        path = Path(model)
+        if not path.is_file():
+            raise UserError(f"{path}: no such model file")
+        return path
+    folder = artifact.path.resolve().parent
+    candidates = [folder / source["file"], *sorted(folder.glob("*.onnx"))]
+    for path in candidates:
+        if path.is_file() and _sha256(path) == source["sha256"]:
+            return path
+    raise UserError(f"source model {source['file']} (sha256 {source['sha256'][:12]}...) not found next to {artifact.path}; pass --model PATH")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def parse_dims(dim: Mapping[str, int] | Sequence[str] | None) -> dict[str, int]:
+    if not dim:
+        return {}
+    if isinstance(dim, Mapping):
+        return {str(k): int(v) for k, v in dim.items()}
+    parsed = {}
+    for item in dim:
+        name, sep, value = str(item).partition("=")
+        if not sep or not value.isdigit() or int(value) < 1:
+            raise UserError(f"--dim {item!r}: expected NAME=N with N >= 1, e.g. sequence=16")
+        parsed[name] = int(value)
+    return parsed
+
+
+def random_inputs(specs: Sequence[Mapping[str, Any]], dims: Mapping[str, int], seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs from the manifest's signature: normal floats, small non-negative ints (valid ids and masks)."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for spec in specs:
+        shape = [d if isinstance(d, int) else dims.get(d, 1 if "batch" in d.lower() else DEFAULT_SYMBOLIC_DIM) for d in spec["shape"]]
+        dtype = np.dtype(spec["dtype"])
+        if dtype.kind == "f":
+            arrays[spec["name"]] = rng.standard_normal(shape).astype(dtype)
+        elif dtype.kind == "b":
+            arrays[spec["name"]] = rng.integers(0, 2, shape).astype(bool)
+        else:
+            arrays[spec["name"]] = rng.integers(0, 2, shape).astype(dtype)
+    return arrays
+
+
+def load_inputs(source: str | Path) -> dict[str, np.ndarray]:
+    path = Path(source)
+    if not path.is_file():
+        raise UserError(f"{path}: no such inputs file")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (ValueError, OSError) as exc:
+        raise UserError(f"{path}: not a .npz file of arrays ({exc})") from None
+
+
+def run_reference(model: Path, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]) -> dict[str, np.ndarray]:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise UserError("verification needs onnxruntime: pip install 'socc[verify]'") from None
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    results = session.run(list(output_names), dict(inputs))
+    return dict(zip(output_names, results))
+
+
+def verify_artifact(
+    artifact: Artifact,
+    *,
+    model: str | Path | None = None,
+    inputs: Mapping[str, Any] | str | Path | None = None,
+    dim: Mapping[str, int] | Sequence[str] | None = None,
+    rtol: float | None = None,
+    seed: int = 0,
+) -> VerifyReport:
+    source = find_source_model(artifact, model)
+    if inputs is None:
+        feed = random_inputs(artifact.inputs, parse_dims(dim), seed)
+        described = f"random (seed {seed})"
+    elif isinstance(inputs, (str, Path)):
+        feed, described = load_inputs(inputs), str(inputs)
+    else:
+        feed, described = {k: np.asarray(v) for k, v in inputs.items()}, "given arrays"
+    names = [o["name"] for o in artifact.outputs]
+    actual = artifact.run(feed)
+    try:
+        reference = run_reference(source, feed, names)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's own errors, one line
+        raise ArtifactError(f"onnxruntime failed on {source}: {str(exc).strip().splitlines()[0]}") from None
+    comparisons = [compare(name, np.asarray(actual[name]), np.asarray(reference[name]), rtol) for name in names]
+    return VerifyReport(str(artifact.path), artifact.target["name"], str(source), described, comparisons)
