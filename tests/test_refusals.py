@@ -1,0 +1,174 @@
+"""Every refusal of bad input: exit code 2, exactly one line on stderr, no traceback, no output folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import run_socc, tiny_mlp_model
+
+
+def assert_refused(tmp_path: Path, model: Path, *extra: str, expect: str) -> str:
+    out = tmp_path / "artifact"
+    result = run_socc("compile", model, "-o", out, "--quiet", *extra)
+    lines = result.stderr.strip().splitlines()
+    assert result.code == 2, result.stderr
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("socc: error: ")
+    assert "Traceback" not in result.stderr + result.stdout
+    assert expect in lines[0], lines[0]
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".artifact")], "staging folder left behind"
+    return lines[0]
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    assert_refused(tmp_path, tmp_path / "nope.onnx", expect="no such file")
+
+
+def test_directory(tmp_path: Path) -> None:
+    (tmp_path / "dir.onnx").mkdir()
+    assert_refused(tmp_path, tmp_path / "dir.onnx", expect="not a file")
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    assert_refused(tmp_path, tmp_path / "empty.onnx", expect="empty file")
+
+
+def test_not_onnx(tmp_path: Path) -> None:
+    (tmp_path / "model.onnx").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(256))
+    assert_refused(tmp_path, tmp_path / "model.onnx", expect="not an ONNX model")
+
+
+def test_truncated_model(tmp_path: Path, mobilenet: Path) -> None:
+    data = mobilenet.read_bytes()
+    (tmp_path / "cut.onnx").write_bytes(data[: len(data) // 2])
+    assert_refused(tmp_path, tmp_path / "cut.onnx", expect="not an ONNX model")
+
+
+def test_empty_graph(tmp_path: Path) -> None:
+    graph = helper.make_graph([], "empty", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "g.onnx")
+    assert_refused(tmp_path, tmp_path / "g.onnx", expect="graph is empty")
+
+
+def test_unsupported_ops_are_listed_with_node_and_opset(tmp_path: Path) -> None:
+    graph = helper.make_graph(
+        [
+            helper.make_node("Celu", ["x"], ["c"], name="celu_block3"),
+            helper.make_node("Relu", ["c"], ["r"], name="relu_ok"),
+            helper.make_node("Det", ["r"], ["y"], name="det_head"),
+        ],
+        "unsupported",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "u.onnx")
+    line = assert_refused(tmp_path, tmp_path / "u.onnx", expect="unsupported ONNX ops at opset 17")
+    assert "Celu (node 'celu_block3')" in line and "Det (node 'det_head')" in line
+    assert "Relu" not in line
+
+
+def _model_with_external_weight(folder: Path, location: str) -> Path:
+    model = tiny_mlp_model()
+    weight = model.graph.initializer[0]
+    weight.ClearField("raw_data")
+    weight.ClearField("float_data")
+    weight.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", str(16 * 8 * 4))):
+        entry = weight.external_data.add()
+        entry.key, entry.value = key, value
+    path = folder / "ext.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+@pytest.mark.parametrize("location", ["../outside.bin", "/etc/passwd", "sub/../../outside.bin"])
+def test_external_data_leaving_the_folder(tmp_path: Path, location: str) -> None:
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (tmp_path / "outside.bin").write_bytes(b"\0" * 512)
+    assert_refused(folder, _model_with_external_weight(folder, location), expect="external data")
+
+
+def test_external_data_symlink_out_of_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (tmp_path / "outside.bin").write_bytes(b"\0" * 512)
+    (folder / "weights.bin").symlink_to(tmp_path / "outside.bin")
+    assert_refused(folder, _model_with_external_weight(folder, "weights.bin"), expect="resolves outside")
+
+
+def test_external_data_inside_the_folder_is_accepted(tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    folder.mkdir()
+    weights = tiny_mlp_model().graph.initializer[0]
+    (folder / "weights.bin").write_bytes(numpy_helper.to_array(weights).tobytes())
+    model = _model_with_external_weight(folder, "weights.bin")
+    result = run_socc("compile", model, "-o", folder / "art", "--quiet", "--verify")
+    assert result.code == 0, result.stderr
+    assert "PASS" in result.stdout
+
+
+def test_initializer_with_absurd_shape(tmp_path: Path) -> None:
+    model = tiny_mlp_model()
+    model.graph.initializer[1].dims[:] = [1 << 40]
+    (tmp_path / "big.onnx").write_bytes(model.SerializeToString())
+    assert_refused(tmp_path, tmp_path / "big.onnx", expect="initializer 'B'")
+
+
+def test_absurd_shape_option(tmp_path: Path, tiny_mlp: Path) -> None:
+    assert_refused(tmp_path, tiny_mlp, "--shape", "x=100000000000,16", expect="--shape x=")
+
+
+def test_shape_for_unknown_input(tmp_path: Path, tiny_mlp: Path) -> None:
+    assert_refused(tmp_path, tiny_mlp, "--shape", "tokens=1,16", expect="unknown inputs tokens")
+
+
+def test_unknown_target(tmp_path: Path, tiny_mlp: Path) -> None:
+    assert_refused(tmp_path, tiny_mlp, "--target", "cortex-z9", expect="unknown target 'cortex-z9'")
+
+
+def test_required_pass_cannot_be_skipped(tmp_path: Path, tiny_mlp: Path) -> None:
+    assert_refused(tmp_path, tiny_mlp, "--skip-pass", "legalize", expect="required")
+
+
+def test_unknown_pass(tmp_path: Path, tiny_mlp: Path) -> None:
+    assert_refused(tmp_path, tiny_mlp, "--passes", "decompose,magic", expect="unknown pass 'magic'")
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    result = run_socc("--debug", "compile", tmp_path / "nope.onnx", "-o", tmp_path / "o")
+    assert result.code == 2
+    assert "Traceback" in result.stderr
+
+
+def test_json_error(tmp_path: Path) -> None:
+    import json
+
+    result = run_socc("compile", tmp_path / "nope.onnx", "-o", tmp_path / "o", "--json")
+    assert result.code == 2
+    assert json.loads(result.stdout) == {"ok": False, "error": f"{tmp_path / 'nope.onnx'}: no such file", "exit_code": 2}
+
+
+def test_random_bytes_never_crash(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    data = tiny_mlp_model().SerializeToString()
+    for i in range(5):
+        corrupt = bytearray(data)
+        for pos in rng.integers(0, len(corrupt), 8):
+            corrupt[pos] = int(rng.integers(0, 256))
+        path = tmp_path / f"c{i}.onnx"
+        path.write_bytes(bytes(corrupt))
+        result = run_socc("compile", path, "-o", tmp_path / f"o{i}", "--quiet")
+        assert result.code in (0, 2), result.stderr
+        assert "Traceback" not in result.stderr
+        if result.code == 2:
+            assert len(result.stderr.strip().splitlines()) == 1
