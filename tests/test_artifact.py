@@ -141,3 +141,16 @@ def test_wrong_inputs_are_refused(built: toolchain.Artifact) -> None:
         built.run({"x": np.zeros((1, 16), np.float64)})
     with pytest.raises(toolchain.UserError, match="shape"):
         built.run({"x": np.zeros((1, 15), np.float32)})
+
+
+def test_rebuild_replays_the_recorded_options(tmp_path: Path, tiny_mlp: Path) -> None:
+    import shutil
+
+    shutil.copyfile(tiny_mlp, tmp_path / "model.onnx")
+    first = toolchain.compile(tmp_path / "model.onnx", "host", tmp_path / "a", shape={"x": [2, 16]},
+                              skip_pass=["fuse-kernels"], progress=False)
+    assert first.inputs[0]["shape"] == [2, 16]
+    result = run_socc("rebuild", first.path, "-o", tmp_path / "b", "--json", "--quiet")
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["identical"] is True
+    assert toolchain.load(tmp_path / "b").manifest == first.manifest

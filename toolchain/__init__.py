@@ -9,7 +9,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .api import compile, load, run, verify  # noqa: E402
+from .api import compile, load, rebuild, run, verify  # noqa: E402
 from .artifact import Artifact  # noqa: E402
 from .errors import ArtifactError, BuildError, SoccError, UserError, VerificationFailed  # noqa: E402
 from .verify import VerifyReport  # noqa: E402
@@ -24,6 +24,7 @@ __all__ = [
     "VerifyReport",
     "compile",
     "load",
+    "rebuild",
     "run",
     "verify",
 ]

@@ -59,6 +59,7 @@ def compile(  # noqa: A001 - the toolchain's verb
         "no_simplify": no_simplify,
         "passes": list(passes) if passes is not None else None,
         "skip_pass": sorted(skip_pass),
+        "archive": archive,
     }
 
     imported = import_onnx(
@@ -138,6 +139,38 @@ def _versions() -> dict[str, str]:
     }
 
 
+def rebuild(
+    artifact: str | Path | Artifact,
+    *,
+    model: str | Path | None = None,
+    output: str | Path | None = None,
+    progress: bool | Progress = True,
+) -> Artifact:
+    """Builds an artifact again from its manifest: same source (found by hash), profile and options."""
+    import dataclasses
+
+    from .verify import find_source_model
+
+    art = artifact if isinstance(artifact, Artifact) else load(artifact)
+    source = find_source_model(art, model)
+    fields = {f.name for f in dataclasses.fields(TargetProfile)}
+    profile = TargetProfile(**{k: tuple(v) if isinstance(v, list) else v for k, v in art.target.items() if k in fields})
+    options = dict(art.manifest["options"])
+    return compile(
+        source,
+        profile,
+        output if output is not None else art.path,
+        shape=options["shape"],
+        no_simplify=options["no_simplify"],
+        passes=options["passes"],
+        skip_pass=options["skip_pass"],
+        abi=options["abi"],
+        cc=options["cc"],
+        archive=options.get("archive", False),
+        progress=progress,
+    )
+
+
 def load(path: str | Path) -> Artifact:
     """Opens an artifact folder or .tar.gz, checking every file against the manifest."""
     from .artifact import open_artifact
@@ -166,4 +199,4 @@ def verify(
     return verify_artifact(art, model=model, inputs=inputs, dim=dim, rtol=rtol, seed=seed)
 
 
-__all__ = ["compile", "load", "run", "verify", "Artifact", "VerifyReport", "UserError"]
+__all__ = ["compile", "load", "rebuild", "run", "verify", "Artifact", "VerifyReport", "UserError"]

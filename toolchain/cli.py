@@ -74,6 +74,22 @@ def compile_command(model: Path, target: str, output: Path | None, shape: tuple[
     _emit(result, text)
 
 
+@cli.command("rebuild")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--model", type=click.Path(path_type=Path), help="Source ONNX model (default: found next to the artifact by its hash).")
+@click.option("--output", "-o", type=click.Path(path_type=Path), help="Where to write (default: replace ARTIFACT).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
+@json_option
+def rebuild_command(artifact: Path, model: Path | None, output: Path | None, quiet: bool, as_json: bool) -> None:
+    """Build ARTIFACT again from the options its manifest recorded."""
+    _state["json"] = as_json
+    before = api.load(artifact).manifest
+    art = api.rebuild(artifact, model=model, output=output, progress=not quiet)
+    same = art.manifest == before
+    _emit({"ok": True, "artifact": str(art.path), "identical": same},
+          f"rebuilt {art.path}: {'byte-identical to the previous build' if same else 'differs from the previous build (versions or source changed)'}")
+
+
 @cli.command("run")
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--inputs", "inputs_path", required=True, type=click.Path(path_type=Path), help=".npz of named inputs.")
