@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -10,13 +11,21 @@ from typing import Any
 from . import __version__
 from .artifact import MODEL_LIB, RUNNER, SCHEMA_VERSION, Artifact, commit_dir, finalize_manifest, staging_dir, write_archive
 from .errors import UserError
+from .isolate import DEFAULT_MEMORY_BYTES, DEFAULT_TIMEOUT_S
 from .progress import Progress
 from .targets import TargetProfile, load_profile
 from .verify import VerifyReport
 
 
-def resolve_target(target: str | TargetProfile, abi: str = "gnu", cc: str | None = None) -> TargetProfile:
-    profile = target if isinstance(target, TargetProfile) else load_profile(target)
+def resolve_target(target: str | TargetProfile | Mapping[str, Any], abi: str = "gnu", cc: str | None = None) -> TargetProfile:
+    """A profile by name or .toml path, a TargetProfile, or a profile's dict form (as in a manifest)."""
+    if isinstance(target, TargetProfile):
+        profile = target
+    elif isinstance(target, Mapping):
+        fields = {f.name for f in dataclasses.fields(TargetProfile)}
+        profile = TargetProfile(**{k: tuple(v) if isinstance(v, list) else v for k, v in target.items() if k in fields})
+    else:
+        profile = load_profile(target)
     return profile.for_abi(abi, cc)
 
 
@@ -33,12 +42,35 @@ def compile(  # noqa: A001 - the toolchain's verb
     cc: str | None = None,
     archive: bool = False,
     progress: bool | Progress = True,
+    isolate: bool = False,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    build_memory: int = DEFAULT_MEMORY_BYTES,
 ) -> Artifact:
     """Compiles an ONNX file for a target profile into an artifact folder (and `.tar.gz` with archive).
 
     `output` defaults to `<model stem>.<target>` beside the model. Nothing is written unless
-    the whole build succeeds; the folder appears in one rename.
+    the whole build succeeds; the folder appears in one rename. With `isolate`, the build runs in
+    a child process limited to `timeout` seconds and `build_memory` bytes, so a native crash in
+    TVM becomes a one-line BuildError naming the stage (the CLI isolates by default).
     """
+    if isolate:
+        from .artifact import sweep_staging
+        from .isolate import compile_in_child
+
+        profile_arg = dataclasses.asdict(target) if isinstance(target, TargetProfile) else target
+        kwargs = dict(model=str(model), target=profile_arg, output=None if output is None else str(output),
+                      shape=shape if shape is None or isinstance(shape, Mapping) else list(shape),
+                      no_simplify=no_simplify, passes=None if passes is None else list(passes),
+                      skip_pass=list(skip_pass), abi=abi, cc=cc, archive=archive,
+                      progress=progress.enabled if isinstance(progress, Progress) else bool(progress))
+        try:
+            result = compile_in_child(kwargs, timeout=timeout, memory_bytes=build_memory)
+        finally:
+            if output is not None:  # a killed child leaves its staging folder; the old artifact stays whole
+                sweep_staging(Path(output))
+        artifact = Artifact.load(result["artifact"])
+        artifact.timings = result["seconds"]  # type: ignore[attr-defined]
+        return artifact
     from .build import check_toolchain, codegen, export_model
     from .importer import import_onnx, parse_shape_options
     from .passes import CompileContext
@@ -147,18 +179,14 @@ def rebuild(
     progress: bool | Progress = True,
 ) -> Artifact:
     """Builds an artifact again from its manifest: same source (found by hash), profile and options."""
-    import dataclasses
-
     from .verify import find_source_model
 
     art = artifact if isinstance(artifact, Artifact) else load(artifact)
     source = find_source_model(art, model)
-    fields = {f.name for f in dataclasses.fields(TargetProfile)}
-    profile = TargetProfile(**{k: tuple(v) if isinstance(v, list) else v for k, v in art.target.items() if k in fields})
     options = dict(art.manifest["options"])
     return compile(
         source,
-        profile,
+        art.target,
         output if output is not None else art.path,
         shape=options["shape"],
         no_simplify=options["no_simplify"],

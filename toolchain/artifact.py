@@ -59,9 +59,31 @@ def finalize_manifest(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def staging_dir(output: Path) -> Path:
-    """A temp folder beside the destination (same filesystem, so the final rename is one step)."""
+    """A temp folder beside the destination (same filesystem, so the final rename is one step).
+
+    Its name carries our PID, so folders left by a killed build can be told apart and swept.
+    """
     output.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    sweep_staging(output)
+    return Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-{os.getpid()}-", dir=output.parent))
+
+
+def sweep_staging(output: Path) -> None:
+    """Removes staging folders for `output` whose build process no longer runs."""
+    for path in output.parent.glob(f".{output.name}.tmp-*"):
+        pid = path.name.removeprefix(f".{output.name}.tmp-").split("-")[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _exchange(a: Path, b: Path) -> bool:

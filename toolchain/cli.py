@@ -12,7 +12,8 @@ import click
 import numpy as np
 
 from . import api
-from .errors import SoccError
+from .errors import SoccError, UserError
+from .isolate import DEFAULT_MEMORY_BYTES, DEFAULT_TIMEOUT_S
 
 _state = {"debug": False, "json": False}
 
@@ -23,6 +24,17 @@ def _emit(data: dict[str, Any], text: str) -> None:
 
 def _split_commas(values: tuple[str, ...]) -> list[str]:
     return [v.strip() for item in values for v in item.split(",") if v.strip()]
+
+
+def parse_bytes(text: str) -> int:
+    """'8GiB', '1.8GB', '512MiB', '1000000' -> bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30}
+    number = text.strip().upper()
+    digits = number.rstrip("KMGIB")
+    try:
+        return int(float(digits) * units[number[len(digits):]])
+    except (KeyError, ValueError):
+        raise UserError(f"cannot read {text!r} as a size; use e.g. 8GiB, 1.8GB, 512MiB") from None
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
@@ -48,17 +60,22 @@ def cli(debug: bool) -> None:
 @click.option("--cc", help="C++ compiler for the target (e.g. the NDK's aarch64 clang++).")
 @click.option("--archive", is_flag=True, help="Also write OUTPUT.tar.gz.")
 @click.option("--verify", "verify_after", is_flag=True, help="Run the artifact against onnxruntime after building.")
+@click.option("--isolate/--no-isolate", default=True, show_default=True, help="Build in a child process with time and memory limits.")
+@click.option("--timeout", type=float, default=DEFAULT_TIMEOUT_S, show_default=True, help="Build time limit in seconds (isolated builds).")
+@click.option("--build-memory", type=str, default=f"{DEFAULT_MEMORY_BYTES >> 30}GiB", show_default=True, help="Build memory limit (isolated builds), e.g. 8GiB.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
 @json_option
 def compile_command(model: Path, target: str, output: Path | None, shape: tuple[str, ...], no_simplify: bool,
                     passes: tuple[str, ...], skip_pass: tuple[str, ...], abi: str, cc: str | None, archive: bool,
-                    verify_after: bool, quiet: bool, as_json: bool) -> None:
+                    verify_after: bool, isolate: bool, timeout: float, build_memory: str, quiet: bool,
+                    as_json: bool) -> None:
     """Compile MODEL (.onnx) for a target into an artifact folder."""
     _state["json"] = as_json
     artifact = api.compile(
         model, target, output, shape=list(shape), no_simplify=no_simplify,
         passes=_split_commas(passes) if passes else None, skip_pass=_split_commas(skip_pass),
         abi=abi, cc=cc, archive=archive, progress=not quiet,
+        isolate=isolate, timeout=timeout, build_memory=parse_bytes(build_memory),
     )
     result: dict[str, Any] = {"ok": True, "artifact": str(artifact.path), "target": artifact.target["name"],
                               "files": artifact.manifest["files"], "seconds": getattr(artifact, "timings", {})}
