@@ -7,6 +7,7 @@ target, the artifact's own runner under an emulator), never the compiler.
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
 import io
 import json
@@ -86,30 +87,51 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swaps two paths with renameat2(RENAME_EXCHANGE); False where unsupported."""
+def _renameat2() -> Any:
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
+        return ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):
+        return None
+
+
+def _exchange_supported() -> bool:
+    return _renameat2() is not None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swaps two paths with renameat2(RENAME_EXCHANGE); False if either is missing or unsupported."""
+    renameat2 = _renameat2()
+    if renameat2 is None:
         return False
     at_fdcwd, rename_exchange = -100, 2
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def commit_dir(staged: Path, output: Path) -> None:
-    """Moves a finished folder into place: the old artifact or the new one, never half of either."""
+    """Moves a finished folder into place: the old artifact or the new one, never half of either.
+
+    Safe against a concurrent build of the same output: whichever commits last wins, whole.
+    """
     if output.exists() and not output.is_dir():
         raise UserError(f"{output} exists and is not a folder")
-    if not output.exists():
-        os.rename(staged, output)
-    elif _exchange(staged, output):
-        shutil.rmtree(staged)  # now holds the old artifact
+    for _ in range(10):
+        try:
+            os.rename(staged, output)  # no artifact there yet
+            break
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+        if _exchange(staged, output):
+            shutil.rmtree(staged)  # now holds the old artifact
+            break
+        if not _exchange_supported():
+            old = output.with_name(f".{output.name}.old-{os.getpid()}")
+            os.rename(output, old)
+            os.rename(staged, output)
+            shutil.rmtree(old)
+            break
     else:
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")
-        os.rename(output, old)
-        os.rename(staged, output)
-        shutil.rmtree(old)
+        raise UserError(f"could not move the new artifact into {output}: it keeps changing under us")
     _fsync_dir(output.parent)
 
 
