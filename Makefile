@@ -6,7 +6,7 @@ APT_PKGS  := gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user lld
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 OUT       ?= out
 
-.PHONY: install apt-deps demo test bench clean
+.PHONY: install apt-deps demo test fuzz clean
 
 install: $(VENV)/.installed
 
@@ -35,3 +35,6 @@ test: install
 
 clean:
 	rm -rf $(OUT) .pytest_cache build *.egg-info
+
+fuzz: install
+	$(PY) tests/fuzz/harness.py --cases $${CASES:-10000} --json fuzz-summary.json

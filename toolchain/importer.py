@@ -6,8 +6,10 @@ unsupported ops, absurd shapes) happens before any expensive work, and each is o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import io
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -319,7 +321,9 @@ def _to_relax(model: onnx.ModelProto, inputs: list[TensorSpec], opset: int) -> A
     shape_dict = {s.name: list(s.shape) for s in inputs if all(isinstance(d, int) for d in s.shape)}
     dtype_dict = {s.name: s.dtype for s in inputs}
     try:
-        return from_onnx(model, shape_dict=shape_dict, dtype_dict=dtype_dict, opset=opset, keep_params_in_input=False)
+        # The importer prints its own notes on stdout, which belongs to our --json output.
+        with contextlib.redirect_stdout(io.StringIO()):
+            return from_onnx(model, shape_dict=shape_dict, dtype_dict=dtype_dict, opset=opset, keep_params_in_input=False)
     except Exception as exc:  # noqa: BLE001 - TVM raises many kinds; the user gets the first line
         raise BuildError(f"TVM's ONNX importer failed: {type(exc).__name__}: {_first_line(exc)}") from exc
 

@@ -43,7 +43,7 @@ def compile_in_child(
         request, status, result = Path(tmp, "request.json"), Path(tmp, "stage"), Path(tmp, "result.json")
         request.write_text(json.dumps({"kwargs": kwargs, "status": str(status), "result": str(result)}))
         command = [sys.executable, "-m", "toolchain.worker", str(request)]
-        proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, errors="replace",
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace",
                                 preexec_fn=lambda: _limit_memory(memory_bytes), start_new_session=True)  # noqa: PLW1509
         forwarder = threading.Thread(target=_forward_progress, args=(proc.stderr,), daemon=True)
         forwarder.start()
