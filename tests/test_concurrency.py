@@ -34,3 +34,26 @@ def test_commit_over_a_folder_created_meanwhile(tmp_path: Path) -> None:
     commit_dir(second, out)
     assert (out / "a").read_text() == "second"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_kill_9_at_random_moments_leaves_old_or_new_whole(tmp_path: Path, tiny_mlp: Path) -> None:
+    import random
+    import signal
+    import time
+
+    out = tmp_path / "art"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "toolchain", "compile", str(tiny_mlp), "-o", str(out), "-q", "--no-isolate"]
+    assert subprocess.run(command, env=env, check=False).returncode == 0
+    reference = toolchain.load(out).manifest
+    rng = random.Random(7)
+    for _ in range(6):
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.5, 6.0))  # import, passes, codegen, packaging, commit: wherever it is
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert toolchain.load(out).manifest == reference  # the artifact there is complete (checksums pass)
+    survivors = sorted(p.name for p in tmp_path.iterdir())
+    assert survivors[-1] == "art"
+    toolchain.compile(tiny_mlp, "host", out, progress=False)  # the next build sweeps what the kills left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
