@@ -82,17 +82,36 @@ def test_archive_is_reproducible_and_loads(tmp_path: Path, tiny_mlp: Path) -> No
     assert loaded.manifest == first.manifest
 
 
-def test_archive_with_escaping_member_is_refused(tmp_path: Path) -> None:
+def _evil_archive(path: Path, member: "tarfile.TarInfo", data: bytes = b"") -> Path:
     import io
 
-    evil = tmp_path / "evil.tar.gz"
-    with tarfile.open(evil, "w:gz") as tar:
-        info = tarfile.TarInfo("../../escape.txt")
-        info.size = 3
-        tar.addfile(info, io.BytesIO(b"bad"))
-    with pytest.raises(ArtifactError, match="refused"):
-        toolchain.load(evil)
-    assert not (tmp_path.parent / "escape.txt").exists()
+    with tarfile.open(path, "w:gz") as tar:
+        folder = tarfile.TarInfo("m")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        member.size = len(data)
+        tar.addfile(member, io.BytesIO(data))
+    return path
+
+
+@pytest.mark.parametrize(("name", "kind", "expect"), [
+    ("../../escape.txt", tarfile.REGTYPE, "leaves the folder"),
+    ("/tmp/abs.txt", tarfile.REGTYPE, "leaves the folder"),
+    ("m/link", tarfile.SYMTYPE, "a link"),
+    ("m/hard", tarfile.LNKTYPE, "a link"),
+    ("m/dev", tarfile.CHRTYPE, "device"),
+    ("m/fifo", tarfile.FIFOTYPE, "device"),
+])
+def test_hostile_archive_members_are_refused(tmp_path: Path, name: str, kind: bytes, expect: str) -> None:
+    member = tarfile.TarInfo(name)
+    member.type = kind
+    if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE):
+        member.linkname = "/etc/passwd"
+    archive = _evil_archive(tmp_path / "evil.tar.gz", member, b"bad" if kind == tarfile.REGTYPE else b"")
+    with pytest.raises(ArtifactError, match=expect):
+        toolchain.load(archive)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.tar.gz"]  # nothing extracted
+    assert not Path("/tmp/abs.txt").exists() and not (tmp_path.parent / "escape.txt").exists()
 
 
 def test_cli_and_api_agree(tmp_path: Path, tiny_mlp: Path, built: toolchain.Artifact) -> None:

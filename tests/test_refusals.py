@@ -172,3 +172,50 @@ def test_random_bytes_never_crash(tmp_path: Path) -> None:
         assert "Traceback" not in result.stderr
         if result.code == 2:
             assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_model_size_limit(tmp_path: Path, tiny_mlp: Path) -> None:
+    assert_refused(tmp_path, tiny_mlp, "--max-model-size", "200B", expect="byte model size limit")
+
+
+def test_external_data_counts_toward_the_size_limit(tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    folder.mkdir()
+    weights = tiny_mlp_model().graph.initializer[0]
+    (folder / "weights.bin").write_bytes(numpy_helper.to_array(weights).tobytes())
+    model = _model_with_external_weight(folder, "weights.bin")
+    limit = model.stat().st_size + 100  # the file fits, its 512 bytes of external data do not
+    assert_refused(folder, model, "--max-model-size", str(limit), expect="external data passes the")
+
+
+def test_external_data_length_must_match_the_tensor(tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "weights.bin").write_bytes(b"\0" * 4096)
+    model = tiny_mlp_model()
+    path = _model_with_external_weight(folder, "weights.bin")
+    m = onnx.load(path, load_external_data=False)
+    for entry in m.graph.initializer[0].external_data:
+        if entry.key == "length":
+            entry.value = "100"
+    path.write_bytes(m.SerializeToString())
+    assert_refused(folder, path, expect="does not match its shape")
+
+
+def test_tensor_element_limit(tmp_path: Path, tiny_mlp: Path) -> None:
+    assert_refused(tmp_path, tiny_mlp, "--max-tensor-elements", "64", expect="initializer 'W'")
+
+
+def test_no_pickle_eval_or_shell_strings_in_the_code() -> None:
+    import re
+
+    from conftest import REPO
+
+    pattern = re.compile(r"\bpickle\b|(?<![.\w])eval\(|\bexec\(|shell\s*=\s*True|os\.system\(|os\.popen\(|allow_pickle\s*=\s*True")
+    offenders = []
+    for folder in ("toolchain", "passes", "targets"):
+        for path in (REPO / folder).rglob("*.py"):
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                if pattern.search(line):
+                    offenders.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
+    assert offenders == []

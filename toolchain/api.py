@@ -11,6 +11,7 @@ from typing import Any
 from . import __version__
 from .artifact import MODEL_LIB, RUNNER, SCHEMA_VERSION, Artifact, commit_dir, finalize_manifest, staging_dir, write_archive
 from .errors import UserError
+from .importer import MAX_MODEL_BYTES, MAX_TENSOR_ELEMENTS
 from .isolate import DEFAULT_MEMORY_BYTES, DEFAULT_TIMEOUT_S
 from .progress import Progress
 from .targets import TargetProfile, load_profile
@@ -41,6 +42,8 @@ def compile(  # noqa: A001 - the toolchain's verb
     abi: str = "gnu",
     cc: str | None = None,
     archive: bool = False,
+    max_model_size: int = MAX_MODEL_BYTES,
+    max_tensor_elements: int = MAX_TENSOR_ELEMENTS,
     progress: bool | Progress = True,
     isolate: bool = False,
     timeout: float = DEFAULT_TIMEOUT_S,
@@ -62,6 +65,7 @@ def compile(  # noqa: A001 - the toolchain's verb
                       shape=shape if shape is None or isinstance(shape, Mapping) else list(shape),
                       no_simplify=no_simplify, passes=None if passes is None else list(passes),
                       skip_pass=list(skip_pass), abi=abi, cc=cc, archive=archive,
+                      max_model_size=max_model_size, max_tensor_elements=max_tensor_elements,
                       progress=progress.enabled if isinstance(progress, Progress) else bool(progress))
         try:
             result = compile_in_child(kwargs, timeout=timeout, memory_bytes=build_memory)
@@ -72,7 +76,7 @@ def compile(  # noqa: A001 - the toolchain's verb
         artifact.timings = result["seconds"]  # type: ignore[attr-defined]
         return artifact
     from .build import check_toolchain, codegen, export_model
-    from .importer import import_onnx, parse_shape_options
+    from .importer import Limits, import_onnx, parse_shape_options
     from .passes import CompileContext
     from .pipeline import run_passes, select_passes
 
@@ -80,7 +84,8 @@ def compile(  # noqa: A001 - the toolchain's verb
     model_path = Path(model)
     profile = resolve_target(target, abi, cc)
     out_path = Path(output) if output is not None else model_path.with_name(f"{model_path.stem}.{profile.name}")
-    shapes = parse_shape_options(shape)
+    limits = Limits(max_model_size, max_tensor_elements)
+    shapes = parse_shape_options(shape, limits)
     selected = select_passes(profile.default_passes, passes, skip_pass)
     check_toolchain(profile)
     options = {
@@ -99,6 +104,7 @@ def compile(  # noqa: A001 - the toolchain's verb
         shape=shapes,
         simplify_model=not no_simplify,
         allowed_ops=profile.supported_ops,
+        limits=limits,
         progress=log,
     )
 

@@ -325,15 +325,32 @@ def open_artifact(path: str | Path) -> Artifact:
     return Artifact.load(path)
 
 
+def _check_member(archive: Path, member: tarfile.TarInfo) -> None:
+    """Only plain files and folders, with relative names that stay inside the destination."""
+    kind = "file" if member.isfile() else "folder" if member.isdir() else None
+    if kind is None:
+        what = "link" if member.issym() or member.islnk() else "device or special file"
+        raise ArtifactError(f"{archive}: refused archive member {member.name!r}: a {what}")
+    parts = Path(member.name).parts
+    if member.name.startswith("/") or ".." in parts or not parts:
+        raise ArtifactError(f"{archive}: refused archive member {member.name!r}: its path leaves the folder")
+
+
 def extract_archive(archive: Path) -> Path:
     """Extracts a socc .tar.gz into a folder next to it; refuses links, devices and escaping names."""
     destination = archive.with_name(archive.name.removesuffix(".tar.gz") + ".extracted")
-    staged = staging_dir(destination)
     try:
         with tarfile.open(archive, "r:gz") as tar:
-            tar.extractall(staged, filter="data")
-    except (tarfile.TarError, OSError) as exc:
-        shutil.rmtree(staged, ignore_errors=True)
+            members = tar.getmembers()
+            for member in members:
+                _check_member(archive, member)
+            staged = staging_dir(destination)
+            try:
+                tar.extractall(staged, members=members, filter="data")
+            except BaseException:
+                shutil.rmtree(staged, ignore_errors=True)
+                raise
+    except (tarfile.TarError, OSError, EOFError) as exc:
         raise ArtifactError(f"{archive}: refused or unreadable archive: {exc}") from None
     roots = list(staged.iterdir())
     if len(roots) != 1 or not roots[0].is_dir():

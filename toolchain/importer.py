@@ -24,6 +24,14 @@ from .progress import SILENT, Progress
 
 MAX_MODEL_BYTES = 8 << 30  # weights included; beyond this a phone cannot hold the model anyway
 MAX_TENSOR_ELEMENTS = 1 << 32  # any one input, output or initializer
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Size limits for untrusted models (`--max-model-size`, `--max-tensor-elements`)."""
+
+    max_model_bytes: int = MAX_MODEL_BYTES  # the .onnx file plus its external data
+    max_tensor_elements: int = MAX_TENSOR_ELEMENTS
 # Op domains whose ops TVM's importer may know. Anything else is refused by name.
 _KNOWN_DOMAINS = {"", "ai.onnx", "com.microsoft"}
 
@@ -63,7 +71,7 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def parse_shape_options(items: Sequence[str] | Mapping[str, Sequence[int]] | None) -> dict[str, list[int]]:
+def parse_shape_options(items: Sequence[str] | Mapping[str, Sequence[int]] | None, limits: Limits = Limits()) -> dict[str, list[int]]:
     """`["input_ids=1,128"]` (CLI form) or `{"input_ids": [1, 128]}` (API form) -> dict."""
     if not items:
         return {}
@@ -82,8 +90,8 @@ def parse_shape_options(items: Sequence[str] | Mapping[str, Sequence[int]] | Non
             values = [int(d) for d in dims]
         except (TypeError, ValueError):
             raise UserError(f"--shape {name}: dimensions must be integers, got {list(dims)}") from None
-        if any(v <= 0 for v in values) or int(np.prod(values, dtype=np.float64)) > MAX_TENSOR_ELEMENTS:
-            raise UserError(f"--shape {name}={values}: each dimension must be >= 1 and the tensor at most {MAX_TENSOR_ELEMENTS} elements")
+        if any(v <= 0 for v in values) or int(np.prod(values, dtype=np.float64)) > limits.max_tensor_elements:
+            raise UserError(f"--shape {name}={values}: each dimension must be >= 1 and the tensor at most {limits.max_tensor_elements} elements")
         shapes[name] = values
     return shapes
 
@@ -91,9 +99,11 @@ def parse_shape_options(items: Sequence[str] | Mapping[str, Sequence[int]] | Non
 # ---------------------------------------------------------------- loading and checking
 
 
-def _check_external_data(model: onnx.ModelProto, model_dir: Path) -> None:
-    """Refuse external-data locations that leave the model's folder (absolute, '..', symlinks)."""
+def _check_external_data(model: onnx.ModelProto, model_dir: Path, budget_bytes: int) -> None:
+    """Refuse external-data locations that leave the model's folder (absolute, '..', symlinks),
+    lengths that disagree with the tensor's shape or the file, and totals over the size limit."""
     root = model_dir.resolve()
+    total = 0
     for tensor in external_data_helper._get_all_tensors(model):  # noqa: SLF001 - onnx's own walker
         if not external_data_helper.uses_external_data(tensor):
             continue
@@ -114,6 +124,9 @@ def _check_external_data(model: onnx.ModelProto, model_dir: Path) -> None:
         needed = offset + (length or expected or 0)
         if needed > target.stat().st_size:
             raise UserError(f"tensor {tensor.name!r}: external data {location!r} is shorter than the tensor needs ({needed} bytes)")
+        total += length or expected or 0
+        if total > budget_bytes:
+            raise UserError(f"external data passes the {budget_bytes} byte model size limit at tensor {tensor.name!r}")
 
 
 def _tensor_nbytes(tensor: onnx.TensorProto) -> int | None:
@@ -124,16 +137,16 @@ def _tensor_nbytes(tensor: onnx.TensorProto) -> int | None:
     return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
 
 
-def _check_initializer_sizes(model: onnx.ModelProto) -> None:
+def _check_initializer_sizes(model: onnx.ModelProto, limits: Limits) -> None:
     for tensor in model.graph.initializer:
-        if any(d < 0 for d in tensor.dims) or int(np.prod(tensor.dims, dtype=np.float64)) > MAX_TENSOR_ELEMENTS:
+        if any(d < 0 for d in tensor.dims) or int(np.prod(tensor.dims, dtype=np.float64)) > limits.max_tensor_elements:
             raise UserError(f"initializer {tensor.name!r}: absurd shape {list(tensor.dims)}")
         expected = _tensor_nbytes(tensor)
         if tensor.HasField("raw_data") and expected is not None and len(tensor.raw_data) != expected:
             raise UserError(f"initializer {tensor.name!r}: {len(tensor.raw_data)} bytes of data for shape {list(tensor.dims)} ({expected} bytes expected)")
 
 
-def load_onnx(path: str | Path) -> tuple[onnx.ModelProto, str]:
+def load_onnx(path: str | Path, limits: Limits = Limits()) -> tuple[onnx.ModelProto, str]:
     """Reads and checks an ONNX file; returns the model (external data loaded) and its SHA-256."""
     path = Path(path)
     if not path.exists():
@@ -143,8 +156,8 @@ def load_onnx(path: str | Path) -> tuple[onnx.ModelProto, str]:
     size = path.stat().st_size
     if size == 0:
         raise UserError(f"{path}: empty file, not an ONNX model")
-    if size > MAX_MODEL_BYTES:
-        raise UserError(f"{path}: {size} bytes is over the {MAX_MODEL_BYTES} byte model limit")
+    if size > limits.max_model_bytes:
+        raise UserError(f"{path}: {size} bytes is over the {limits.max_model_bytes} byte model size limit")
     data = path.read_bytes()
     model = onnx.ModelProto()
     try:
@@ -155,8 +168,8 @@ def load_onnx(path: str | Path) -> tuple[onnx.ModelProto, str]:
         raise UserError(f"{path}: not an ONNX model (no IR version or opset)")
     if len(model.graph.node) == 0:
         raise UserError(f"{path}: the model's graph is empty (no nodes)")
-    _check_external_data(model, path.parent)
-    _check_initializer_sizes(model)
+    _check_external_data(model, path.parent, limits.max_model_bytes - size)
+    _check_initializer_sizes(model, limits)
     if any(external_data_helper.uses_external_data(t) for t in external_data_helper._get_all_tensors(model)):  # noqa: SLF001
         external_data_helper.load_external_data_for_model(model, str(path.parent))
     try:
@@ -256,11 +269,11 @@ def apply_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) ->
     del model.graph.value_info[:]
 
 
-def _check_input_sizes(model: onnx.ModelProto) -> None:
+def _check_input_sizes(model: onnx.ModelProto, limits: Limits) -> None:
     for value in graph_inputs(model):
         spec = _spec(value)
         fixed = [d for d in spec.shape if isinstance(d, int)]
-        if any(d < 0 for d in fixed) or int(np.prod(fixed, dtype=np.float64)) > MAX_TENSOR_ELEMENTS:
+        if any(d < 0 for d in fixed) or int(np.prod(fixed, dtype=np.float64)) > limits.max_tensor_elements:
             raise UserError(f"input {spec.name!r}: absurd shape {list(spec.shape)}")
 
 
@@ -284,10 +297,11 @@ def import_onnx(
     shape: Mapping[str, Sequence[int]] | None = None,
     simplify_model: bool = True,
     allowed_ops: Sequence[str] = (),
+    limits: Limits = Limits(),
     progress: Progress = SILENT,
 ) -> ImportedModel:
     with progress.stage("load") as summary:
-        model, sha256 = load_onnx(source)
+        model, sha256 = load_onnx(source, limits)
         opset = model_opset(model)
         check_supported_ops(model, allowed_ops)
         nodes_in = len(model.graph.node)
@@ -295,7 +309,7 @@ def import_onnx(
     with progress.stage("simplify") as summary:
         if shape:
             apply_shapes(model, shape)
-        _check_input_sizes(model)
+        _check_input_sizes(model, limits)
         try:
             model = onnx.shape_inference.infer_shapes(model)
         except Exception as exc:  # noqa: BLE001
