@@ -9,9 +9,14 @@ from .fuse_kernels import FuseKernels
 from .legalize import Legalize
 from .lower_calls import LowerCalls
 from .lower_vm import LowerVM
+from .memory_plan import MemoryPlan
 from .static_plan import StaticPlan
 
 # The standard pipeline, in order. A target profile may name its own list (`default_passes`).
+# static-plan (TVM's StaticPlanBlockMemory) then memory-plan (socc's arena): memory-plan takes TVM's
+# storage tokens back apart and places every sized tensor in one arena, so static-plan's stats stay
+# TVM's own plan for comparison; `--skip-pass memory-plan` builds with TVM's plan alone, and
+# `--skip-pass static-plan` gives the same arena (memory-plan hands what it cannot size to TVM's planner).
 STANDARD_PIPELINE: tuple[type[GraphPass], ...] = (
     Decompose,
     FoldConstants,
@@ -19,6 +24,7 @@ STANDARD_PIPELINE: tuple[type[GraphPass], ...] = (
     FuseKernels,
     LowerCalls,
     StaticPlan,
+    MemoryPlan,
     LowerVM,
 )
 

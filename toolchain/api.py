@@ -11,7 +11,7 @@ from typing import Any
 from . import __version__
 from .artifact import MODEL_LIB, RUNNER, SCHEMA_VERSION, Artifact, commit_dir, finalize_manifest, staging_dir, write_archive
 from .errors import UserError
-from .importer import MAX_MODEL_BYTES, MAX_TENSOR_ELEMENTS
+from .importer import MAX_MODEL_BYTES, MAX_TENSOR_ELEMENTS, parse_dim_values
 from .isolate import DEFAULT_MEMORY_BYTES, DEFAULT_TIMEOUT_S
 from .progress import Progress
 from .targets import TargetProfile, load_profile
@@ -42,6 +42,8 @@ def compile(  # noqa: A001 - the toolchain's verb
     abi: str = "gnu",
     cc: str | None = None,
     archive: bool = False,
+    max_shape: Mapping[str, int] | Sequence[str] | None = None,
+    max_memory: int | None = None,
     max_model_size: int = MAX_MODEL_BYTES,
     max_tensor_elements: int = MAX_TENSOR_ELEMENTS,
     progress: bool | Progress = True,
@@ -52,7 +54,9 @@ def compile(  # noqa: A001 - the toolchain's verb
     """Compiles an ONNX file for a target profile into an artifact folder (and `.tar.gz` with archive).
 
     `output` defaults to `<model stem>.<target>` beside the model. Nothing is written unless
-    the whole build succeeds; the folder appears in one rename. With `isolate`, the build runs in
+    the whole build succeeds; the folder appears in one rename. `max_shape` bounds symbolic dims
+    (e.g. {"sequence": 512}) so the memory plan covers them; `max_memory` (bytes) refuses a build
+    whose weights + activation arena exceed it. With `isolate`, the build runs in
     a child process limited to `timeout` seconds and `build_memory` bytes, so a native crash in
     TVM becomes a one-line BuildError naming the stage (the CLI isolates by default).
     """
@@ -65,6 +69,7 @@ def compile(  # noqa: A001 - the toolchain's verb
                       shape=shape if shape is None or isinstance(shape, Mapping) else list(shape),
                       no_simplify=no_simplify, passes=None if passes is None else list(passes),
                       skip_pass=list(skip_pass), abi=abi, cc=cc, archive=archive,
+                      max_shape=parse_dim_values(max_shape, "--max-shape"), max_memory=max_memory,
                       max_model_size=max_model_size, max_tensor_elements=max_tensor_elements,
                       progress=progress.enabled if isinstance(progress, Progress) else bool(progress))
         try:
@@ -77,6 +82,7 @@ def compile(  # noqa: A001 - the toolchain's verb
         return artifact
     from .build import check_toolchain, codegen, export_model
     from .importer import Limits, import_onnx, parse_shape_options
+    from .report import memory_section, write_report
     from .passes import CompileContext
     from .pipeline import run_passes, select_passes
 
@@ -97,6 +103,8 @@ def compile(  # noqa: A001 - the toolchain's verb
         "passes": list(passes) if passes is not None else None,
         "skip_pass": sorted(skip_pass),
         "archive": archive,
+        "max_shape": dict(sorted(parse_dim_values(max_shape, "--max-shape").items())),
+        "max_memory": max_memory,
     }
 
     imported = import_onnx(
@@ -114,6 +122,7 @@ def compile(  # noqa: A001 - the toolchain's verb
     tvm_target = tvm.target.Target(target_json)
     ctx = CompileContext(tvm_target, profile.name, profile.features, profile.vector_bits, options)
     mod, records = run_passes(imported.mod, selected, ctx, log)
+    memory, timeline = memory_section(mod, records, max_memory)
     with log.stage("codegen"):
         executable = codegen(mod, tvm_target)
 
@@ -138,7 +147,9 @@ def compile(  # noqa: A001 - the toolchain's verb
                 "inputs": [s.to_json() for s in imported.inputs],
                 "outputs": [s.to_json() for s in imported.outputs],
                 "passes": [{"name": r.name, "stats": r.stats} for r in records],
+                "memory": memory,
             }
+            write_report(staged, manifest, memory, timeline)
             manifest = finalize_manifest(staged, manifest)
             summary.update(files=len(manifest["files"]), bytes=sum(f["size"] for f in manifest["files"].values()))
         commit_dir(staged, out_path)
@@ -195,6 +206,8 @@ def rebuild(
         art.target,
         output if output is not None else art.path,
         shape=options["shape"],
+        max_shape=options.get("max_shape"),
+        max_memory=options.get("max_memory"),
         no_simplify=options["no_simplify"],
         passes=options["passes"],
         skip_pass=options["skip_pass"],

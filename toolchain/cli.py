@@ -61,6 +61,8 @@ def cli(debug: bool) -> None:
 @click.option("--cc", help="C++ compiler for the target (e.g. the NDK's aarch64 clang++).")
 @click.option("--archive", is_flag=True, help="Also write OUTPUT.tar.gz.")
 @click.option("--verify", "verify_after", is_flag=True, help="Run the artifact against onnxruntime after building.")
+@click.option("--max-shape", multiple=True, metavar="DIM=N", help="Upper bound of a symbolic dim for memory planning, e.g. sequence=512.")
+@click.option("--max-memory", help="Refuse the build if weights + activations exceed this, e.g. 1.8GB.")
 @click.option("--max-model-size", default=f"{MAX_MODEL_BYTES >> 30}GiB", show_default=True, help="Refuse models (with external data) larger than this.")
 @click.option("--max-tensor-elements", type=int, default=MAX_TENSOR_ELEMENTS, show_default=True, help="Refuse any input or weight with more elements.")
 @click.option("--isolate/--no-isolate", default=True, show_default=True, help="Build in a child process with time and memory limits.")
@@ -70,7 +72,7 @@ def cli(debug: bool) -> None:
 @json_option
 def compile_command(model: Path, target: str, output: Path | None, shape: tuple[str, ...], no_simplify: bool,
                     passes: tuple[str, ...], skip_pass: tuple[str, ...], abi: str, cc: str | None, archive: bool,
-                    verify_after: bool, max_model_size: str, max_tensor_elements: int, isolate: bool, timeout: float, build_memory: str, quiet: bool,
+                    verify_after: bool, max_shape: tuple[str, ...], max_memory: str | None, max_model_size: str, max_tensor_elements: int, isolate: bool, timeout: float, build_memory: str, quiet: bool,
                     as_json: bool) -> None:
     """Compile MODEL (.onnx) for a target into an artifact folder."""
     _state["json"] = as_json
@@ -78,6 +80,7 @@ def compile_command(model: Path, target: str, output: Path | None, shape: tuple[
         model, target, output, shape=list(shape), no_simplify=no_simplify,
         passes=_split_commas(passes) if passes else None, skip_pass=_split_commas(skip_pass),
         abi=abi, cc=cc, archive=archive, progress=not quiet,
+        max_shape=list(max_shape), max_memory=parse_bytes(max_memory) if max_memory else None,
         max_model_size=parse_bytes(max_model_size), max_tensor_elements=max_tensor_elements, isolate=isolate, timeout=timeout, build_memory=parse_bytes(build_memory),
     )
     result: dict[str, Any] = {"ok": True, "artifact": str(artifact.path), "target": artifact.target["name"],

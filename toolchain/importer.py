@@ -96,6 +96,19 @@ def parse_shape_options(items: Sequence[str] | Mapping[str, Sequence[int]] | Non
     return shapes
 
 
+def parse_dim_values(items: Mapping[str, int] | Sequence[str] | None, flag: str) -> dict[str, int]:
+    """`["sequence=128"]` (CLI form) or `{"sequence": 128}` (API form) -> {name: value >= 1}."""
+    if not items:
+        return {}
+    pairs = items.items() if isinstance(items, Mapping) else [str(i).partition("=")[::2] for i in items]
+    values = {}
+    for name, value in pairs:
+        if not name or not str(value).isdigit() or int(value) < 1:
+            raise UserError(f"{flag} {name}={value}: expected NAME=N with N >= 1, e.g. sequence=128")
+        values[str(name)] = int(value)
+    return values
+
+
 # ---------------------------------------------------------------- loading and checking
 
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from .artifact import Artifact
 from .errors import ArtifactError, UserError
+from .importer import parse_dim_values
 
 # Default max relative error by output dtype (0 means exact).
 DEFAULT_TOLERANCE = {"float32": 1e-4, "float64": 1e-9, "float16": 1e-2, "bfloat16": 2e-2}
@@ -105,20 +106,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def parse_dims(dim: Mapping[str, int] | Sequence[str] | None) -> dict[str, int]:
-    if not dim:
-        return {}
-    if isinstance(dim, Mapping):
-        return {str(k): int(v) for k, v in dim.items()}
-    parsed = {}
-    for item in dim:
-        name, sep, value = str(item).partition("=")
-        if not sep or not value.isdigit() or int(value) < 1:
-            raise UserError(f"--dim {item!r}: expected NAME=N with N >= 1, e.g. sequence=16")
-        parsed[name] = int(value)
-    return parsed
-
-
 def random_inputs(specs: Sequence[Mapping[str, Any]], dims: Mapping[str, int], seed: int = 0) -> dict[str, np.ndarray]:
     """Inputs from the manifest's signature: normal floats, small non-negative ints (valid ids and masks)."""
     rng = np.random.default_rng(seed)
@@ -169,7 +156,7 @@ def verify_artifact(
 ) -> VerifyReport:
     source = find_source_model(artifact, model)
     if inputs is None:
-        feed = random_inputs(artifact.inputs, parse_dims(dim), seed)
+        feed = random_inputs(artifact.inputs, parse_dim_values(dim, "--dim"), seed)
         described = f"random (seed {seed})"
     elif isinstance(inputs, (str, Path)):
         feed, described = load_inputs(inputs), str(inputs)
