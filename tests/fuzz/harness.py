@@ -127,7 +127,8 @@ class Worker:
         return self.proc.poll() is None
 
 
-def run(cases: int, seed: int, timeout: float, findings: Path | None, workers: int = 1) -> dict[str, object]:
+def run(cases: int, seed: int, timeout: float, findings: Path | None, workers: int = 1,
+        progress_every: int = 0) -> dict[str, object]:
     seeds = seed_models()
     rng = np.random.default_rng(seed)
     counts: collections.Counter[str] = collections.Counter()
@@ -164,6 +165,8 @@ def run(cases: int, seed: int, timeout: float, findings: Path | None, workers: i
                 if not pool[worker_index].alive:
                     pool[worker_index] = Worker()
                 Path(tmp, f"case{i}.onnx").unlink(missing_ok=True)
+                if progress_every and (i + 1) % progress_every == 0:
+                    print(f"fuzz: {i + 1}/{cases} cases, {time.monotonic() - start:.0f} s: {dict(counts)}", flush=True)
         for worker in pool:
             worker.proc.stdin.close()
             worker.kill()
@@ -199,7 +202,7 @@ def main() -> int:
     if args.worker:
         worker_main()
         return 0
-    summary = run(args.cases, args.seed, args.timeout, args.findings, args.workers)
+    summary = run(args.cases, args.seed, args.timeout, args.findings, args.workers, progress_every=250)
     print(f"fuzz: {summary['cases']} cases in {summary['seconds']} s: {summary['ok']} built, {summary['clean_errors']} clean errors, "
           f"{summary['crashes']} crashes, {summary['hangs']} hangs, {summary['tracebacks']} tracebacks")
     for message, count in summary["top_errors"]:
