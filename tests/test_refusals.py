@@ -106,12 +106,17 @@ def test_external_data_symlink_out_of_folder(tmp_path: Path) -> None:
     assert_refused(folder, _model_with_external_weight(folder, "weights.bin"), expect="resolves outside")
 
 
-def test_external_data_inside_the_folder_is_accepted(tmp_path: Path) -> None:
+def _model_with_weights_file(tmp_path: Path) -> tuple[Path, Path]:
+    """A folder with the MLP's first weight in weights.bin beside the model: (folder, model)."""
     folder = tmp_path / "m"
     folder.mkdir()
     weights = tiny_mlp_model().graph.initializer[0]
     (folder / "weights.bin").write_bytes(numpy_helper.to_array(weights).tobytes())
-    model = _model_with_external_weight(folder, "weights.bin")
+    return folder, _model_with_external_weight(folder, "weights.bin")
+
+
+def test_external_data_inside_the_folder_is_accepted(tmp_path: Path) -> None:
+    folder, model = _model_with_weights_file(tmp_path)
     result = run_socc("compile", model, "-o", folder / "art", "--quiet", "--verify")
     assert result.code == 0, result.stderr
     assert "PASS" in result.stdout
@@ -179,11 +184,7 @@ def test_model_size_limit(tmp_path: Path, tiny_mlp: Path) -> None:
 
 
 def test_external_data_counts_toward_the_size_limit(tmp_path: Path) -> None:
-    folder = tmp_path / "m"
-    folder.mkdir()
-    weights = tiny_mlp_model().graph.initializer[0]
-    (folder / "weights.bin").write_bytes(numpy_helper.to_array(weights).tobytes())
-    model = _model_with_external_weight(folder, "weights.bin")
+    folder, model = _model_with_weights_file(tmp_path)
     limit = model.stat().st_size + 100  # the file fits, its 512 bytes of external data do not
     assert_refused(folder, model, "--max-model-size", str(limit), expect="external data passes the")
 
@@ -192,7 +193,6 @@ def test_external_data_length_must_match_the_tensor(tmp_path: Path) -> None:
     folder = tmp_path / "m"
     folder.mkdir()
     (folder / "weights.bin").write_bytes(b"\0" * 4096)
-    model = tiny_mlp_model()
     path = _model_with_external_weight(folder, "weights.bin")
     m = onnx.load(path, load_external_data=False)
     for entry in m.graph.initializer[0].external_data:
