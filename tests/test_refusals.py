@@ -219,3 +219,12 @@ def test_no_pickle_eval_or_shell_strings_in_the_code() -> None:
                 if pattern.search(line):
                     offenders.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
     assert offenders == []
+
+
+@pytest.mark.parametrize("elem_type", [0, 99])
+def test_undefined_input_element_type(tmp_path: Path, elem_type: int) -> None:
+    # Found by the fuzzer: an input declared with element type 0 (UNDEFINED) or an unknown number.
+    model = tiny_mlp_model()
+    model.graph.input[0].type.tensor_type.elem_type = elem_type
+    (tmp_path / "m.onnx").write_bytes(model.SerializeToString())
+    assert_refused(tmp_path, tmp_path / "m.onnx", expect="element type")

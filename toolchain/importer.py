@@ -243,8 +243,11 @@ def check_supported_ops(model: onnx.ModelProto, allowed: Sequence[str] = ()) -> 
 # ---------------------------------------------------------------- shapes and simplification
 
 
-def _onnx_dtype(elem_type: int) -> str:
-    return str(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)))
+def _onnx_dtype(elem_type: int, name: str) -> str:
+    try:
+        return str(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)))
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"tensor {name!r}: unsupported or undefined element type {elem_type}") from None
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
@@ -261,7 +264,7 @@ def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
             dims.append(int(dim.dim_value))
         else:
             dims.append(dim.dim_param or f"{value.name}_dim{i}")
-    return TensorSpec(value.name, tuple(dims), _onnx_dtype(tensor_type.elem_type))
+    return TensorSpec(value.name, tuple(dims), _onnx_dtype(tensor_type.elem_type, value.name))
 
 
 def apply_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> None:
