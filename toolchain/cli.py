@@ -185,9 +185,27 @@ def inspect_command(artifact: Path, as_json: bool) -> None:
     lines += [f"input    {t['name']}: {t['dtype']}{t['shape']}" for t in m["inputs"]]
     lines += [f"output   {t['name']}: {t['dtype']}{t['shape']}" for t in m["outputs"]]
     for p in m["passes"]:
-        lines.append(f"pass     {p['name']:<16}" + " ".join(f"{k}={v}" for k, v in p["stats"].items()))
+        scalars = {k: v for k, v in p["stats"].items() if not isinstance(v, (dict, list))}
+        lines.append(f"pass     {p['name']:<16}" + " ".join(f"{k}={v}" for k, v in scalars.items()))
+        for key, value in p["stats"].items():
+            if key == "groups":
+                lines += _fused_group_lines(value)
+            elif isinstance(value, dict) and value:
+                lines.append(f"         {'':<16}{key}: " + ", ".join(f"{k}={v}" for k, v in value.items()))
+    if "memory" in m:
+        lines.append("memory   " + " ".join(f"{k}={v}" for k, v in m["memory"].items()))
     lines += [f"file     {name:<28}{f['size']:>12}  {f['sha256'][:16]}" for name, f in m["files"].items()]
     _emit(m, "\n".join(lines))
+
+
+def _fused_group_lines(groups: Any) -> list[str]:
+    """One line per fused group: its function name and the ops it holds."""
+    items = groups.items() if isinstance(groups, dict) else enumerate(groups)
+    lines = []
+    for name, ops in items:
+        ops_text = " + ".join(map(str, ops)) if isinstance(ops, (list, tuple)) else str(ops)
+        lines.append(f"fused    {str(name):<40}{ops_text}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
