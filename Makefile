@@ -6,7 +6,7 @@ APT_PKGS  := gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user lld
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 OUT       ?= out
 
-.PHONY: install apt-deps demo test fuzz clean
+.PHONY: install apt-deps demo test fuzz bench clean
 
 install: $(VENV)/.installed
 
@@ -38,3 +38,6 @@ clean:
 
 fuzz: install
 	$(PY) tests/fuzz/harness.py --cases $${CASES:-10000} --json fuzz-summary.json
+
+bench: install
+	$(PY) bench/run.py

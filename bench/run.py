@@ -1,0 +1,179 @@
+"""socc's benchmark (`make bench`): memory plan, fusion and latency on real models, side by side.
+
+For each model, in one run on this machine:
+  - socc (host, standard pipeline) and socc without fusion (`--skip-pass fuse-kernels` and our
+    pattern fusion if present): kernels, latency;
+  - plain TVM: `from_onnx` + `tvm.compile` with its default pipeline on the same ONNX;
+  - onnxruntime, CPU provider, the same thread count;
+  - the memory plan: arena vs lower bound vs TVM's StaticPlanBlockMemory, weights, peak.
+Latency: median of --runs timed calls after --warmup calls, same inputs, wall clock (perf_counter).
+Writes bench-results/bench.json and bench.md and prints one `BENCH ...` line per model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+THREADS = int(os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1)))
+
+
+def median_ms(call: Callable[[], Any], warmup: int, runs: int) -> float:
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def models(folder: Path) -> dict[str, tuple[Path, dict[str, Any], dict[str, list[int]]]]:
+    """name -> (onnx path, inputs, fixed shapes for socc)."""
+    from examples import models as m
+
+    rng = np.random.default_rng(0)
+    image = lambda size: {"image": rng.standard_normal((1, 3, size, size)).astype(np.float32)}  # noqa: E731
+    tokens = m.minilm_tokenize(["A man is playing a guitar on a crowded street while people walk by."] , 128)
+    return {
+        "mobilenet_v2": (m.mobilenet_v2_like(folder / "mobilenet_v2.onnx"), image(96), {}),
+        "resnet18_like": (m.resnet_like(folder / "resnet18_like.onnx"), image(96), {}),
+        "densenet_like": (m.densenet_like(folder / "densenet_like.onnx"), image(64), {}),
+        "minilm_seq128": (m.minilm(folder / "minilm.onnx"), tokens, {k: list(v.shape) for k, v in tokens.items()}),
+        "multi_io": (m.multi_io(folder / "multi_io.onnx"),
+                     {"x": rng.standard_normal((1, 16)).astype(np.float32), "y": rng.standard_normal((1, 8)).astype(np.float32),
+                      "scale": np.array([0.5], np.float32)}, {}),
+    }
+
+
+def unfused_passes() -> list[str]:
+    from toolchain.passes import REGISTRY
+
+    return [name for name in ("fusion", "fuse-kernels") if name in REGISTRY]
+
+
+def kernels(art: Any) -> int:
+    return next(p["stats"]["kernels_after"] for p in art.manifest["passes"] if p["name"] == "lower-vm")
+
+
+def vm_call(module: Any, inputs: dict[str, np.ndarray]) -> Callable[[], Any]:
+    """A call of `main` on prebuilt TVM tensors: the same timing path for socc and plain TVM."""
+    import tvm
+
+    vm = tvm.runtime.vm.VirtualMachine(module, tvm.cpu())
+    args = [tvm.runtime.tensor(v) for v in inputs.values()]
+    return lambda: vm["main"](*args)
+
+
+def artifact_call(art: Any, inputs: dict[str, np.ndarray]) -> Callable[[], Any]:
+    import tvm
+
+    ordered = {spec["name"]: inputs[spec["name"]] for spec in art.inputs}
+    return vm_call(tvm.runtime.load_module(str(art.path / "model.so")), ordered)
+
+
+def tvm_default(path: Path, inputs: dict[str, np.ndarray]) -> tuple[Callable[[], Any], float]:
+    import onnx
+    import tvm
+    from tvm.relax.frontend.onnx import from_onnx
+
+    start = time.perf_counter()
+    model = onnx.load(path)
+    mod = from_onnx(model, shape_dict={k: list(v.shape) for k, v in inputs.items()},
+                    dtype_dict={k: str(v.dtype) for k, v in inputs.items()}, keep_params_in_input=False)
+    ex = tvm.compile(mod, target=tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()}))
+    seconds = time.perf_counter() - start
+    return vm_call(ex, inputs), seconds
+
+
+def onnxruntime_session(path: Path, inputs: dict[str, np.ndarray]) -> Callable[[], Any]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda: session.run(None, inputs)
+
+
+def bench_model(name: str, path: Path, inputs: dict[str, np.ndarray], shapes: dict[str, list[int]],
+                out: Path, warmup: int, runs: int) -> dict[str, Any]:
+    import toolchain
+
+    start = time.perf_counter()
+    art = toolchain.compile(path, "host", out / f"{name}.host", shape=shapes, progress=False)
+    compile_s = time.perf_counter() - start
+    unfused = toolchain.compile(path, "host", out / f"{name}.unfused", shape=shapes, skip_pass=unfused_passes(), progress=False)
+    default_call, default_compile_s = tvm_default(path, inputs)
+    row: dict[str, Any] = {
+        "model": name,
+        "socc_ms": median_ms(artifact_call(art, inputs), warmup, runs),
+        "unfused_ms": median_ms(artifact_call(unfused, inputs), warmup, runs),
+        "tvm_default_ms": median_ms(default_call, warmup, runs),
+        "ort_ms": median_ms(onnxruntime_session(path, inputs), warmup, runs),
+        "kernels": kernels(art),
+        "kernels_unfused": kernels(unfused),
+        "compile_s": round(compile_s, 1),
+        "tvm_default_compile_s": round(default_compile_s, 1),
+        "artifact_bytes": sum(f["size"] for f in art.manifest["files"].values()),
+        **{k: art.manifest["memory"][k] for k in ("arena_bytes", "lower_bound_bytes", "tvm_default_bytes", "weights_bytes", "peak_bytes")},
+        "verified": toolchain.verify(art, model=path, inputs=inputs).ok,
+    }
+    row["ratio_vs_ort"] = row["socc_ms"] / row["ort_ms"]
+    row["ratio_vs_tvm_default"] = row["socc_ms"] / row["tvm_default_ms"]
+    row["arena_vs_lower_bound"] = row["arena_bytes"] / row["lower_bound_bytes"] if row["lower_bound_bytes"] else 1.0
+    return row
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    head = ("| model | socc ms | unfused ms | TVM default ms | ORT ms | socc/ORT | socc/TVM | kernels (unfused) | "
+            "arena | lower bound | TVM plan | arena/LB | compile s | artifact MB | verified |")
+    lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['socc_ms']:.2f} | {r['unfused_ms']:.2f} | {r['tvm_default_ms']:.2f} | {r['ort_ms']:.2f} | "
+            f"{r['ratio_vs_ort']:.2f} | {r['ratio_vs_tvm_default']:.2f} | {r['kernels']} ({r['kernels_unfused']}) | "
+            f"{r['arena_bytes']} | {r['lower_bound_bytes']} | {r['tvm_default_bytes']} | {r['arena_vs_lower_bound']:.3f} | "
+            f"{r['compile_s']} | {r['artifact_bytes'] / 1e6:.1f} | {r['verified']} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=REPO / "bench-results")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--only", nargs="*", help="model names to run")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, (path, inputs, shapes) in models(args.out / "models").items():
+        if args.only and name not in args.only:
+            continue
+        print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+        row = bench_model(name, path, inputs, shapes, args.out, args.warmup, args.runs)
+        rows.append(row)
+        print(f"BENCH model={name} socc_ms={row['socc_ms']:.3f} socc_int8_ms=NA tvm_default_ms={row['tvm_default_ms']:.3f} "
+              f"ort_ms={row['ort_ms']:.3f} ratio_vs_ort={row['ratio_vs_ort']:.3f}", flush=True)
+    table = markdown(rows)
+    print(f"\nthreads={THREADS} (TVM_NUM_THREADS and onnxruntime intra-op), host={os.uname().machine}, median of {args.runs} after {args.warmup} warm-up\n")
+    print(table)
+    (args.out / "bench.json").write_text(json.dumps({"threads": THREADS, "runs": args.runs, "rows": rows}, indent=2))
+    (args.out / "bench.md").write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
