@@ -62,8 +62,9 @@ def compile_in_child(
                 return data
             raise _ERRORS.get(data.get("kind", ""), BuildError)(data.get("error", "build failed"))
         if code < 0:
-            name = signal.Signals(-code).name
-            raise BuildError(f"the compiler crashed ({name}) in stage {last_stage(status)}; memory limit {memory_bytes >> 20} MiB")
+            name, stage = signal.Signals(-code).name, last_stage(status)
+            hint = " (onnxsim crashed: try --no-simplify)" if stage == "simplify" else ""
+            raise BuildError(f"the compiler crashed ({name}) in stage {stage}; memory limit {memory_bytes >> 20} MiB{hint}")
         raise BuildError(f"the build process exited with code {code} in stage {last_stage(status)}")
 
 

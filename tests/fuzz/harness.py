@@ -2,7 +2,9 @@
 
     python tests/fuzz/harness.py --cases 10000 --workers 2      (make fuzz)
 
-Every case must end in success or one clean SoccError. Anything else is a finding: a Python
+Every case must end in success or one clean SoccError. A case that kills or hangs the in-process
+worker is replayed through `socc compile` (isolated child with limits): if that ends in one clean
+line it counts as a contained native crash (reported, not a failure). Anything else is a finding: a Python
 exception that is not ours (a traceback in the CLI), a native crash (the worker dies by a signal),
 a hang (no answer within --timeout) or memory beyond the worker's address-space bound. Workers
 are long-lived child processes (TVM is imported once) and are restarted after a crash or hang.
@@ -134,6 +136,7 @@ def run(cases: int, seed: int, timeout: float, findings: Path | None, workers: i
     counts: collections.Counter[str] = collections.Counter()
     errors: collections.Counter[str] = collections.Counter()
     bad: list[dict[str, str]] = []
+    contained: list[dict[str, str]] = []
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="socc-fuzz-") as tmp:
         pool = [Worker() for _ in range(workers)]
@@ -154,10 +157,14 @@ def run(cases: int, seed: int, timeout: float, findings: Path | None, workers: i
                 sent.append((worker_index, i, data, what))
             for worker_index, i, data, what in sent:
                 answer = _read_answer(pool[worker_index], timeout)
+                if answer["status"] in ("crash", "hang"):
+                    answer = replay_isolated(data, Path(tmp), timeout, answer)
                 counts[answer["status"]] += 1
+                if answer["status"] == "contained":
+                    contained.append({"case": str(i), "mutation": what, **answer})
                 if answer["status"] == "clean":
                     errors[answer["message"].split(":")[0][:60] if "/" not in answer["message"][:40] else answer["message"].split(": ", 1)[-1][:60]] += 1
-                elif answer["status"] != "ok":
+                elif answer["status"] not in ("ok", "contained"):
                     bad.append({"case": str(i), "mutation": what, **answer})
                     if findings is not None:
                         findings.mkdir(parents=True, exist_ok=True)
@@ -172,7 +179,28 @@ def run(cases: int, seed: int, timeout: float, findings: Path | None, workers: i
             worker.kill()
     return {"cases": cases, "seconds": round(time.monotonic() - start, 1), "ok": counts["ok"], "clean_errors": counts["clean"],
             "crashes": counts["crash"], "hangs": counts["hang"], "tracebacks": counts["traceback"],
+            "contained_native_crashes": counts["contained"], "contained": contained[:50],
             "top_errors": errors.most_common(12), "findings": bad[:50]}
+
+
+def replay_isolated(data: bytes, tmp: Path, timeout: float, first: dict[str, str]) -> dict[str, str]:
+    """A case that killed or hung an in-process worker, run again as a user runs it: `socc compile`,
+    which builds in a child with limits. One clean line with exit 2 means the crash was contained."""
+    model = tmp / "replay.onnx"
+    model.write_bytes(data)
+    command = [sys.executable, "-m", "toolchain", "compile", str(model), "-o", str(tmp / "replay-out"), "-q",
+               "--timeout", str(int(timeout))]
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout + 60, check=False,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    except subprocess.TimeoutExpired:
+        return {"status": "hang", "message": f"{first['message']}; the isolated CLI hung too"}
+    finally:
+        shutil.rmtree(tmp / "replay-out", ignore_errors=True)
+    lines = proc.stderr.strip().splitlines()
+    if proc.returncode in (0, 2) and len(lines) <= 1 and "Traceback" not in proc.stderr:
+        return {"status": "contained", "message": f"in-process {first['status']} ({first['message']}); socc compile: {lines[0] if lines else 'ok'}"}
+    return {"status": first["status"], "message": f"{first['message']}; socc compile exit {proc.returncode}: {' | '.join(lines[-2:])}"}
 
 
 def _read_answer(worker: Worker, timeout: float) -> dict[str, str]:
@@ -204,7 +232,10 @@ def main() -> int:
         return 0
     summary = run(args.cases, args.seed, args.timeout, args.findings, args.workers, progress_every=250)
     print(f"fuzz: {summary['cases']} cases in {summary['seconds']} s: {summary['ok']} built, {summary['clean_errors']} clean errors, "
-          f"{summary['crashes']} crashes, {summary['hangs']} hangs, {summary['tracebacks']} tracebacks")
+          f"{summary['crashes']} crashes, {summary['hangs']} hangs, {summary['tracebacks']} tracebacks; "
+          f"{summary['contained_native_crashes']} native crashes in-process that `socc compile` contained as one-line errors")
+    for case in summary["contained"]:
+        print(f"  CONTAINED case {case['case']} ({case['mutation']}): {case['message']}")
     for message, count in summary["top_errors"]:
         print(f"  {count:6d}  {message}")
     for finding in summary["findings"]:
