@@ -228,3 +228,14 @@ def test_undefined_input_element_type(tmp_path: Path, elem_type: int) -> None:
     model.graph.input[0].type.tensor_type.elem_type = elem_type
     (tmp_path / "m.onnx").write_bytes(model.SerializeToString())
     assert_refused(tmp_path, tmp_path / "m.onnx", expect="element type")
+
+
+@pytest.mark.parametrize(("attr", "values"), [("strides", [0, 1]), ("dilations", [1, -2]), ("pads", [0, -1, 0, 0])])
+def test_windowed_op_attributes_that_would_divide_by_zero(tmp_path: Path, attr: str, values: list[int]) -> None:
+    # Found by the fuzzer: a Conv with stride 0 killed onnxsim with SIGFPE before any check of ours ran.
+    weight = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")
+    conv = helper.make_node("Conv", ["x", "w"], ["y"], name="conv_stem", **{attr: values})
+    graph = helper.make_graph([conv], "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [weight])
+    (tmp_path / "c.onnx").write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+    assert_refused(tmp_path, tmp_path / "c.onnx", expect=f"Conv node 'conv_stem': invalid {attr} {values}")

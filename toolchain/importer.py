@@ -216,6 +216,23 @@ def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
                     yield from _all_nodes(sub)
 
 
+# Attributes that must be positive (or non-negative) for windowed ops; shape code in onnxsim,
+# onnxruntime and TVM divides by them and dies by SIGFPE otherwise (found by the fuzzer).
+_WINDOW_OPS = {"Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "MaxPool", "AveragePool", "LpPool", "MaxUnpool", "Im2Col"}
+_POSITIVE_ATTRS = ("strides", "dilations", "kernel_shape")
+
+
+def check_window_attributes(model: onnx.ModelProto) -> None:
+    """Refuse zero or negative strides, dilations and kernel sizes, and negative pads."""
+    for node in _all_nodes(model.graph):
+        if node.op_type not in _WINDOW_OPS:
+            continue
+        for attr in node.attribute:
+            values = list(attr.ints)
+            if (attr.name in _POSITIVE_ATTRS and any(v < 1 for v in values)) or (attr.name == "pads" and any(v < 0 for v in values)):
+                raise UserError(f"{node.op_type} node {node.name!r}: invalid {attr.name} {values}")
+
+
 def supported_op_types() -> set[str]:
     """Op types TVM's ONNX importer converts (its convert map, plus the ones it handles inline)."""
     from tvm.relax.frontend.onnx import onnx_frontend
@@ -320,6 +337,7 @@ def import_onnx(
         model, sha256 = load_onnx(source, limits)
         opset = model_opset(model)
         check_supported_ops(model, allowed_ops)
+        check_window_attributes(model)
         nodes_in = len(model.graph.node)
         summary.update(nodes=nodes_in, opset=opset)
     with progress.stage("simplify") as summary:
