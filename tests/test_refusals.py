@@ -236,6 +236,6 @@ def test_windowed_op_attributes_that_would_divide_by_zero(tmp_path: Path, attr: 
     weight = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")
     conv = helper.make_node("Conv", ["x", "w"], ["y"], name="conv_stem", **{attr: values})
     graph = helper.make_graph([conv], "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [weight])
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, "h", "w"])], [weight])
     (tmp_path / "c.onnx").write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
     assert_refused(tmp_path, tmp_path / "c.onnx", expect=f"Conv node 'conv_stem': invalid {attr} {values}")
