@@ -6,6 +6,7 @@ from .base import CompileContext, GraphPass, TvmPhase
 from .decompose import Decompose
 from .fold_constants import FoldConstants
 from .fuse_kernels import FuseKernels
+from .fusion import FoldBatchNorm, Fusion
 from .legalize import Legalize
 from .lower_calls import LowerCalls
 from .lower_vm import LowerVM
@@ -17,9 +18,14 @@ from .static_plan import StaticPlan
 # storage tokens back apart and places every sized tensor in one arena, so static-plan's stats stay
 # TVM's own plan for comparison; `--skip-pass memory-plan` builds with TVM's plan alone, and
 # `--skip-pass static-plan` gives the same arena (memory-plan hands what it cannot size to TVM's planner).
+# fold-batchnorm must see R.nn.batch_norm, so it runs before decompose; fusion needs folded constants
+# and un-legalized ops, so it runs between fold-constants and legalize (fuse-kernels' FuseTIR then
+# makes one kernel of each group it formed).
 STANDARD_PIPELINE: tuple[type[GraphPass], ...] = (
+    FoldBatchNorm,
     Decompose,
     FoldConstants,
+    Fusion,
     Legalize,
     FuseKernels,
     LowerCalls,

@@ -9,7 +9,8 @@ import numpy as np
 
 
 def count_ops(mod: Any, function: str = "main") -> Counter[str]:
-    """Calls in a Relax function, by operator name (`relax.call_tir` counts as one call each)."""
+    """Calls in a Relax function, by operator name (`relax.call_tir` counts as one call each;
+    a call of a fused Relax function counts as one call, under the function's name)."""
     import tvm
     from tvm import relax
 
@@ -18,6 +19,8 @@ def count_ops(mod: Any, function: str = "main") -> Counter[str]:
     def visit(expr: Any) -> None:
         if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
             counts[expr.op.name] += 1
+        elif isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.GlobalVar) and isinstance(mod[expr.op], relax.Function):
+            counts[expr.op.name_hint] += 1
 
     relax.analysis.post_order_visit(mod[function], visit)
     return counts

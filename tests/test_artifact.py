@@ -34,7 +34,7 @@ def test_manifest_records_what_a_user_needs(built: toolchain.Artifact, tiny_mlp:
     assert m["inputs"] == [{"name": "x", "shape": ["batch", 16], "dtype": "float32"}]  # symbolic batch stays symbolic
     assert m["outputs"] == [{"name": "y", "shape": ["batch", 8], "dtype": "float32"}]
     assert m["target"]["name"] == "host"
-    assert set(m["files"]) == {"model.so"}
+    assert set(m["files"]) == {"model.so", "report.md", "memory.png"}
     assert m["files"]["model.so"]["sha256"] == hashlib.sha256((built.path / "model.so").read_bytes()).hexdigest()
 
 

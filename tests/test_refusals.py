@@ -239,3 +239,7 @@ def test_windowed_op_attributes_that_would_divide_by_zero(tmp_path: Path, attr: 
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, "h", "w"])], [weight])
     (tmp_path / "c.onnx").write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
     assert_refused(tmp_path, tmp_path / "c.onnx", expect=f"Conv node 'conv_stem': invalid {attr} {values}")
+
+
+def test_unknown_fusion_pattern(tmp_path: Path, tiny_mlp: Path) -> None:
+    assert_refused(tmp_path, tiny_mlp, "--skip-fusion", "attention,warp-drive", expect="unknown fusion pattern 'warp-drive'")

@@ -39,6 +39,7 @@ def compile(  # noqa: A001 - the toolchain's verb
     no_simplify: bool = False,
     passes: Sequence[str] | None = None,
     skip_pass: Sequence[str] = (),
+    skip_fusion: Sequence[str] = (),
     abi: str = "gnu",
     cc: str | None = None,
     archive: bool = False,
@@ -68,7 +69,7 @@ def compile(  # noqa: A001 - the toolchain's verb
         kwargs = dict(model=str(model), target=profile_arg, output=None if output is None else str(output),
                       shape=shape if shape is None or isinstance(shape, Mapping) else list(shape),
                       no_simplify=no_simplify, passes=None if passes is None else list(passes),
-                      skip_pass=list(skip_pass), abi=abi, cc=cc, archive=archive,
+                      skip_pass=list(skip_pass), skip_fusion=list(skip_fusion), abi=abi, cc=cc, archive=archive,
                       max_shape=parse_dim_values(max_shape, "--max-shape"), max_memory=max_memory,
                       max_model_size=max_model_size, max_tensor_elements=max_tensor_elements,
                       progress=progress.enabled if isinstance(progress, Progress) else bool(progress))
@@ -84,7 +85,7 @@ def compile(  # noqa: A001 - the toolchain's verb
     from .importer import Limits, import_onnx, parse_shape_options
     from .report import memory_section, write_report
     from .passes import CompileContext
-    from .pipeline import run_passes, select_passes
+    from .pipeline import check_fusion_names, run_passes, select_passes
 
     log = progress if isinstance(progress, Progress) else Progress(enabled=bool(progress))
     model_path = Path(model)
@@ -93,6 +94,7 @@ def compile(  # noqa: A001 - the toolchain's verb
     limits = Limits(max_model_size, max_tensor_elements)
     shapes = parse_shape_options(shape, limits)
     selected = select_passes(profile.default_passes, passes, skip_pass)
+    check_fusion_names(skip_fusion)
     check_toolchain(profile)
     options = {
         "target": profile.name,
@@ -102,6 +104,7 @@ def compile(  # noqa: A001 - the toolchain's verb
         "no_simplify": no_simplify,
         "passes": list(passes) if passes is not None else None,
         "skip_pass": sorted(skip_pass),
+        "skip_fusion": sorted(skip_fusion),
         "archive": archive,
         "max_shape": dict(sorted(parse_dim_values(max_shape, "--max-shape").items())),
         "max_memory": max_memory,
@@ -211,6 +214,7 @@ def rebuild(
         no_simplify=options["no_simplify"],
         passes=options["passes"],
         skip_pass=options["skip_pass"],
+        skip_fusion=options.get("skip_fusion", []),
         abi=options["abi"],
         cc=options["cc"],
         archive=options.get("archive", False),

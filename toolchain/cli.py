@@ -57,6 +57,7 @@ def cli(debug: bool) -> None:
 @click.option("--no-simplify", is_flag=True, help="Skip onnxsim simplification.")
 @click.option("--passes", multiple=True, metavar="A,B", help="Run only these passes (required lowering passes always run).")
 @click.option("--skip-pass", multiple=True, metavar="NAME", help="Skip a pass by name. Repeatable.")
+@click.option("--skip-fusion", multiple=True, metavar="PATTERN", help="Turn off a fusion pattern or family (see `socc passes`). Repeatable.")
 @click.option("--abi", type=click.Choice(["gnu", "android"]), default="gnu", show_default=True)
 @click.option("--cc", help="C++ compiler for the target (e.g. the NDK's aarch64 clang++).")
 @click.option("--archive", is_flag=True, help="Also write OUTPUT.tar.gz.")
@@ -71,7 +72,7 @@ def cli(debug: bool) -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
 @json_option
 def compile_command(model: Path, target: str, output: Path | None, shape: tuple[str, ...], no_simplify: bool,
-                    passes: tuple[str, ...], skip_pass: tuple[str, ...], abi: str, cc: str | None, archive: bool,
+                    passes: tuple[str, ...], skip_pass: tuple[str, ...], skip_fusion: tuple[str, ...], abi: str, cc: str | None, archive: bool,
                     verify_after: bool, max_shape: tuple[str, ...], max_memory: str | None, max_model_size: str, max_tensor_elements: int, isolate: bool, timeout: float, build_memory: str, quiet: bool,
                     as_json: bool) -> None:
     """Compile MODEL (.onnx) for a target into an artifact folder."""
@@ -79,6 +80,7 @@ def compile_command(model: Path, target: str, output: Path | None, shape: tuple[
     artifact = api.compile(
         model, target, output, shape=list(shape), no_simplify=no_simplify,
         passes=_split_commas(passes) if passes else None, skip_pass=_split_commas(skip_pass),
+        skip_fusion=_split_commas(skip_fusion),
         abi=abi, cc=cc, archive=archive, progress=not quiet,
         max_shape=list(max_shape), max_memory=parse_bytes(max_memory) if max_memory else None,
         max_model_size=parse_bytes(max_model_size), max_tensor_elements=max_tensor_elements, isolate=isolate, timeout=timeout, build_memory=parse_bytes(build_memory),
@@ -168,8 +170,12 @@ def passes_command(as_json: bool) -> None:
     from .passes import STANDARD_PIPELINE
 
     _state["json"] = as_json
+    from .passes.fusion import known_pattern_names
+
     data = [{"name": p.name, "required": p.required, "does": p.describe()} for p in STANDARD_PIPELINE]
-    _emit({"passes": data}, "\n".join(f"{p['name']:<16}{'required' if p['required'] else 'optional':<10}{p['does']}" for p in data))
+    text = "\n".join(f"{p['name']:<16}{'required' if p['required'] else 'optional':<10}{p['does']}" for p in data)
+    _emit({"passes": data, "fusion_patterns": known_pattern_names()},
+          text + "\nfusion patterns (--skip-fusion): " + ", ".join(known_pattern_names()))
 
 
 @cli.command("inspect")

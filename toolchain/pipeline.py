@@ -40,6 +40,15 @@ def select_passes(
     return [p for p in STANDARD_PIPELINE if p.name in chosen or p.required]
 
 
+def check_fusion_names(skip_fusion: Sequence[str]) -> None:
+    """`--skip-fusion` takes fusion pattern or family names; anything else is a one-line error."""
+    from .passes.fusion import known_pattern_names
+
+    unknown = [name for name in skip_fusion if name not in known_pattern_names()]
+    if unknown:
+        raise UserError(f"unknown fusion pattern {unknown[0]!r}; known: {', '.join(known_pattern_names())}")
+
+
 def run_passes(
     mod: Any,
     selected: Sequence[type[GraphPass]],
