@@ -79,7 +79,7 @@ def compile(  # noqa: A001 - the toolchain's verb
             if output is not None:  # a killed child leaves its staging folder; the old artifact stays whole
                 sweep_staging(Path(output))
         artifact = Artifact.load(result["artifact"])
-        artifact.timings = result["seconds"]  # type: ignore[attr-defined]
+        artifact.timings = result["seconds"]
         return artifact
     from .build import check_toolchain, codegen, export_model
     from .importer import Limits, import_onnx, parse_shape_options
@@ -162,7 +162,7 @@ def compile(  # noqa: A001 - the toolchain's verb
     if archive:
         write_archive(out_path, out_path.with_name(out_path.name + ".tar.gz"))
     artifact = Artifact.load(out_path)
-    artifact.timings = dict(log.seconds)  # type: ignore[attr-defined]
+    artifact.timings = dict(log.seconds)
     return artifact
 
 

@@ -186,6 +186,7 @@ class Artifact:
     def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
         self.path = path
         self.manifest = manifest
+        self.timings: dict[str, float] = {}  # seconds per build stage, when this object came from a build
         self._vm: Any = None
 
     # -- facts

@@ -86,7 +86,7 @@ def compile_command(model: Path, target: str, output: Path | None, shape: tuple[
         max_model_size=parse_bytes(max_model_size), max_tensor_elements=max_tensor_elements, isolate=isolate, timeout=timeout, build_memory=parse_bytes(build_memory),
     )
     result: dict[str, Any] = {"ok": True, "artifact": str(artifact.path), "target": artifact.target["name"],
-                              "files": artifact.manifest["files"], "seconds": getattr(artifact, "timings", {})}
+                              "files": artifact.manifest["files"], "seconds": artifact.timings}
     text = f"wrote {artifact.path} ({artifact.target['name']}, {sum(f['size'] for f in artifact.manifest['files'].values())} bytes)"
     if verify_after:
         report = api.verify(artifact, model=model)
