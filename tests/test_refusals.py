@@ -243,3 +243,22 @@ def test_windowed_op_attributes_that_would_divide_by_zero(tmp_path: Path, attr: 
 
 def test_unknown_fusion_pattern(tmp_path: Path, tiny_mlp: Path) -> None:
     assert_refused(tmp_path, tiny_mlp, "--skip-fusion", "attention,warp-drive", expect="unknown fusion pattern 'warp-drive'")
+
+
+def test_empty_required_input(tmp_path: Path, multi_io: Path) -> None:
+    # Found by the fuzzer: Concat with an empty input name made TVM's importer segfault.
+    model = onnx.load(multi_io)
+    concat = next(n for n in model.graph.node if n.op_type == "Concat")
+    concat.input[0] = ""
+    (tmp_path / "m.onnx").write_bytes(model.SerializeToString())
+    assert_refused(tmp_path, tmp_path / "m.onnx", expect=f"Concat node {concat.name!r}: input 0 is empty")
+
+
+def test_empty_optional_input_is_fine(tmp_path: Path) -> None:
+    graph = helper.make_graph([helper.make_node("Clip", ["x", "", "hi"], ["y"], name="clip_max_only")], "clip",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+                              [numpy_helper.from_array(np.array(0.5, np.float32), "hi")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "clip.onnx")
+    result = run_socc("compile", tmp_path / "clip.onnx", "-o", tmp_path / "art", "-q", "--verify")
+    assert result.code == 0, result.stderr

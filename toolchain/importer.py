@@ -233,6 +233,24 @@ def check_window_attributes(model: onnx.ModelProto) -> None:
                 raise UserError(f"{node.op_type} node {node.name!r}: invalid {attr.name} {values}")
 
 
+def check_required_inputs(model: onnx.ModelProto) -> None:
+    """Refuse an empty input name where the op's schema requires a tensor (TVM's importer
+    segfaults on it; found by the fuzzer). Optional inputs may be empty."""
+    opset = model_opset(model)
+    optional = onnx.defs.OpSchema.FormalParameterOption.Optional
+    for node in _all_nodes(model.graph):
+        if "" not in node.input or node.domain not in ("", "ai.onnx"):
+            continue
+        try:
+            formal = onnx.defs.get_schema(node.op_type, opset, node.domain).inputs
+        except onnx.defs.SchemaError:
+            continue  # unknown op: check_supported_ops names it
+        for index, name in enumerate(node.input):
+            param = formal[min(index, len(formal) - 1)] if formal else None
+            if name == "" and (param is None or param.option != optional):
+                raise UserError(f"{node.op_type} node {node.name!r}: input {index} is empty, but the op requires it")
+
+
 def supported_op_types() -> set[str]:
     """Op types TVM's ONNX importer converts (its convert map, plus the ones it handles inline)."""
     from tvm.relax.frontend.onnx import onnx_frontend
@@ -338,6 +356,7 @@ def import_onnx(
         opset = model_opset(model)
         check_supported_ops(model, allowed_ops)
         check_window_attributes(model)
+        check_required_inputs(model)
         nodes_in = len(model.graph.node)
         summary.update(nodes=nodes_in, opset=opset)
     with progress.stage("simplify") as summary:

@@ -162,6 +162,9 @@ def run(cases: int, seed: int, timeout: float, findings: Path | None, workers: i
                 counts[answer["status"]] += 1
                 if answer["status"] == "contained":
                     contained.append({"case": str(i), "mutation": what, **answer})
+                    if findings is not None:
+                        (findings / "contained").mkdir(parents=True, exist_ok=True)
+                        Path(findings, "contained", f"case{i}.onnx").write_bytes(data)
                 if answer["status"] == "clean":
                     errors[answer["message"].split(":")[0][:60] if "/" not in answer["message"][:40] else answer["message"].split(": ", 1)[-1][:60]] += 1
                 elif answer["status"] not in ("ok", "contained"):
