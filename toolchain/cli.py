@@ -69,12 +69,22 @@ def cli(debug: bool) -> None:
 @click.option("--isolate/--no-isolate", default=True, show_default=True, help="Build in a child process with time and memory limits.")
 @click.option("--timeout", type=float, default=DEFAULT_TIMEOUT_S, show_default=True, help="Build time limit in seconds (isolated builds).")
 @click.option("--build-memory", type=str, default=f"{DEFAULT_MEMORY_BYTES >> 30}GiB", show_default=True, help="Build memory limit (isolated builds), e.g. 8GiB.")
+@click.option("--quantize", type=click.Choice(["int8", "int4-weight"]), help="int8: calibrated int8 conv/matmul; int4-weight: 4-bit matmul and embedding weights.")
+@click.option("--calibration", type=click.Path(path_type=Path), help="Calibration inputs for int8: a .npz (leading sample axis per input) or a folder of .npz.")
+@click.option("--calibrate-method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default="percentile", show_default=True)
+@click.option("--activation-dtype", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True, help="uint8 asymmetric or int8 symmetric activations.")
+@click.option("--exclude-op-type", multiple=True, metavar="TYPE", help="Keep ops of this type (Conv, MatMul, Gemm, Gather) in float. Repeatable.")
+@click.option("--exclude-node", multiple=True, metavar="NAME", help="Keep this node (ONNX name) in float. Repeatable.")
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True, help="int4 group length along the reduction.")
+@click.option("--weight-scheme", type=click.Choice(["symmetric", "asymmetric"]), default="symmetric", show_default=True, help="int4 weights: symmetric or with per-group zero points.")
+@click.option("--int8-embeddings", is_flag=True, help="With int4-weight: embedding tables int8 per row instead of int4.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
 @json_option
 def compile_command(model: Path, target: str, output: Path | None, shape: tuple[str, ...], no_simplify: bool,
                     passes: tuple[str, ...], skip_pass: tuple[str, ...], skip_fusion: tuple[str, ...], abi: str, cc: str | None, archive: bool,
                     verify_after: bool, max_shape: tuple[str, ...], max_memory: str | None, max_model_size: str, max_tensor_elements: int, isolate: bool, timeout: float, build_memory: str, quiet: bool,
-                    as_json: bool) -> None:
+                    as_json: bool, exclude_op_type: tuple[str, ...], exclude_node: tuple[str, ...], group_size: str,
+                    **quantize_options: Any) -> None:
     """Compile MODEL (.onnx) for a target into an artifact folder."""
     _state["json"] = as_json
     artifact = api.compile(
@@ -84,6 +94,8 @@ def compile_command(model: Path, target: str, output: Path | None, shape: tuple[
         abi=abi, cc=cc, archive=archive, progress=not quiet,
         max_shape=list(max_shape), max_memory=parse_bytes(max_memory) if max_memory else None,
         max_model_size=parse_bytes(max_model_size), max_tensor_elements=max_tensor_elements, isolate=isolate, timeout=timeout, build_memory=parse_bytes(build_memory),
+        exclude_op_type=_split_commas(exclude_op_type), exclude_node=list(exclude_node), group_size=int(group_size),
+        **quantize_options,
     )
     result: dict[str, Any] = {"ok": True, "artifact": str(artifact.path), "target": artifact.target["name"],
                               "files": artifact.manifest["files"], "seconds": artifact.timings}
@@ -138,13 +150,14 @@ def run_command(artifact: Path, inputs_path: Path, outputs_path: Path, as_json: 
 @click.option("--model", type=click.Path(path_type=Path), help="Source ONNX model (default: found next to the artifact by its hash).")
 @click.option("--dim", multiple=True, metavar="NAME=N", help="Value of a symbolic dimension for random inputs.")
 @click.option("--rtol", type=float, help="Max relative error allowed (default by dtype: float32 1e-4).")
+@click.option("--min-cosine", type=float, help="Quantized artifacts: min cosine against the float model (default int8 0.99, int4-weight 0.97).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @json_option
 def verify_command(artifact: Path, inputs_path: Path | None, model: Path | None, dim: tuple[str, ...],
-                   rtol: float | None, seed: int, as_json: bool) -> None:
+                   rtol: float | None, seed: int, as_json: bool, min_cosine: float | None) -> None:
     """Run an artifact and onnxruntime on the same inputs; exit 1 if outside tolerance."""
     _state["json"] = as_json
-    report = api.verify(artifact, model=model, inputs=inputs_path, dim=list(dim), rtol=rtol, seed=seed)
+    report = api.verify(artifact, model=model, inputs=inputs_path, dim=list(dim), rtol=rtol, seed=seed, min_cosine=min_cosine)
     _emit(report.to_json(), report.table())
     if not report.ok:
         sys.exit(1)

@@ -62,6 +62,14 @@ class ImportedModel:
     source_sha256: str
     stats: dict[str, Any]
 
+    def nodes_by_op_type(self) -> dict[str, tuple[str, ...]]:
+        """Node names per op type in graph order; MatMul and Gemm together (both import as matmul)."""
+        names: dict[str, list[str]] = {}
+        for i, node in enumerate(self.onnx_model.graph.node):
+            op_type = "MatMul" if node.op_type == "Gemm" else node.op_type
+            names.setdefault(op_type, []).append(node.name or f"{node.op_type}_{i}")
+        return {op_type: tuple(found) for op_type, found in names.items()}
+
 
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()

@@ -6,8 +6,9 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import BuildError, UserError
+from .errors import BuildError, SoccError, UserError
 from .passes import REGISTRY, STANDARD_PIPELINE, CompileContext, GraphPass
+from .passes.base import PassInputError
 from .progress import SILENT, Progress
 
 
@@ -60,6 +61,10 @@ def run_passes(
         with progress.stage(pass_type.name) as summary:
             try:
                 mod, stats = pass_type().run(mod, ctx)
+            except PassInputError as exc:
+                raise UserError(f"{pass_type.name}: {exc}") from None
+            except SoccError:
+                raise
             except Exception as exc:  # noqa: BLE001 - a TVM failure becomes one line naming the pass
                 text = str(exc).strip().splitlines()
                 raise BuildError(f"pass {pass_type.name} failed: {type(exc).__name__}: {text[-1] if text else ''}") from exc

@@ -40,6 +40,22 @@ def memory_section(mod: Any, records: Sequence[PassRecord], budget_bytes: int | 
     return section, timeline
 
 
+def quantization_section(records: Sequence[PassRecord], memory: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's `quantization` section: scheme, observer, samples, layers kept in float, bytes."""
+    stats = next((r.stats for r in records if r.name == "quantize"), {"scheme": "none"})
+    if stats.get("scheme", "none") == "none":
+        return {"scheme": "none"}
+    keys = ("scheme", "activation_dtype", "observer", "calibration_samples", "weight_scheme", "group_size",
+            "int8_embeddings", "layers_by_mode", "weights_bytes_float")
+    section = {key: stats[key] for key in keys if key in stats}
+    section["weights_bytes"] = memory["weights_bytes"]  # of the built module: what ships
+    section["weights_ratio"] = round(memory["weights_bytes"] / max(stats["weights_bytes_float"], 1), 4)
+    section["kept_float"] = [{"name": layer["name"], "op_type": layer["op_type"], "reason": layer["reason"]}
+                             for layer in stats["layers"] if layer["mode"] == "float"]
+    section["quantized"] = [layer for layer in stats["layers"] if layer["mode"] != "float"]
+    return section
+
+
 def write_report(folder: Path, manifest: dict[str, Any], memory: dict[str, Any], timeline: dict[str, Any] | None) -> None:
     """report.md (and memory.png when our planner ran) for a person reading the artifact."""
     lines = [
@@ -58,6 +74,14 @@ def write_report(folder: Path, manifest: dict[str, Any], memory: dict[str, Any],
     for record in manifest["passes"]:
         s = record["stats"]
         lines.append(f"| {record['name']} | {s.get('ops_before', '')} | {s.get('ops_after', '')} | {s.get('kernels_before', '')} | {s.get('kernels_after', '')} |")
+    quant = manifest.get("quantization", {})
+    if quant.get("scheme", "none") != "none":
+        lines += ["", "## Quantization", "",
+                  f"- scheme {quant['scheme']}; weights {quant['weights_bytes']} bytes = {quant['weights_ratio']:.1%} of float"
+                  f" ({quant['weights_bytes_float']} bytes); layers by mode: {quant['layers_by_mode']}", "",
+                  "| layer | op | mode | why float |", "| --- | --- | --- | --- |"]
+        lines += [f"| {layer['name']} | {layer['op_type']} | {layer['mode']} | |" for layer in quant["quantized"]]
+        lines += [f"| {layer['name']} | {layer['op_type']} | float | {layer['reason']} |" for layer in quant["kept_float"]]
     lines += ["", "## Memory", "", "| | bytes |", "| --- | ---: |"]
     lines += [f"| {key} | {value} |" for key, value in memory.items() if isinstance(value, int)]
     if timeline is not None:

@@ -4,7 +4,10 @@ Errors are measured as
   max_abs  = max |artifact - reference|
   max_rel  = max_abs / max |reference|   (relative to the output's scale, so zeros don't explode it)
   cosine   = cosine similarity of the flattened outputs.
+  sqnr_db  = 10 log10(sum reference^2 / sum (artifact - reference)^2), the signal-to-quantization-noise ratio.
 An output passes when max_rel <= its dtype's tolerance (or exact equality for integer outputs).
+A quantized artifact is compared with the float model it came from: a float output passes when
+its cosine >= the scheme's minimum (DEFAULT_MIN_COSINE, or `min_cosine`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from .importer import parse_dim_values
 
 # Default max relative error by output dtype (0 means exact).
 DEFAULT_TOLERANCE = {"float32": 1e-4, "float64": 1e-9, "float16": 1e-2, "bfloat16": 2e-2}
+# Minimum cosine against the float model for quantized artifacts, by scheme.
+DEFAULT_MIN_COSINE = {"int8": 0.99, "int4-weight": 0.97}
 # Symbolic dims of random inputs: batch-like names get 1, others this value.
 DEFAULT_SYMBOLIC_DIM = 8
 
@@ -35,8 +40,10 @@ class OutputComparison:
     max_abs: float
     max_rel: float
     cosine: float
+    sqnr_db: float
     tolerance: float
     ok: bool
+    criterion: str = "max_rel"
 
 
 @dataclasses.dataclass
@@ -56,20 +63,24 @@ class VerifyReport:
 
     def table(self) -> str:
         lines = [f"verify {self.artifact} ({self.target}) against onnxruntime on {self.reference}; inputs: {self.inputs}"]
-        lines.append(f"{'output':<24}{'shape':<20}{'max_abs':>12}{'max_rel':>12}{'cosine':>12}{'tol':>10}  result")
+        lines.append(f"{'output':<24}{'shape':<20}{'max_abs':>12}{'max_rel':>12}{'cosine':>12}{'sqnr_db':>9}{'pass if':>18}  result")
         for o in self.outputs:
+            rule = f"cosine>={o.tolerance}" if o.criterion == "cosine" else f"max_rel<={o.tolerance:.0e}" if o.tolerance else "exact"
             lines.append(
-                f"{o.name:<24}{str(o.shape):<20}{o.max_abs:12.3e}{o.max_rel:12.3e}{o.cosine:12.8f}{o.tolerance:10.1e}  {'ok' if o.ok else 'FAIL'}"
+                f"{o.name:<24}{str(o.shape):<20}{o.max_abs:12.3e}{o.max_rel:12.3e}{o.cosine:12.8f}{o.sqnr_db:9.1f}{rule:>18}  {'ok' if o.ok else 'FAIL'}"
             )
         lines.append("PASS" if self.ok else "FAIL")
         return "\n".join(lines)
 
 
-def compare(name: str, actual: np.ndarray, reference: np.ndarray, rtol: float | None = None) -> OutputComparison:
+def compare(name: str, actual: np.ndarray, reference: np.ndarray, rtol: float | None = None,
+            min_cosine: float | None = None) -> OutputComparison:
     dtype = str(reference.dtype)
-    tolerance = rtol if rtol is not None else DEFAULT_TOLERANCE.get(dtype, 0.0)
+    by_cosine = min_cosine is not None and reference.dtype.kind == "f"
+    tolerance = min_cosine if by_cosine else rtol if rtol is not None else DEFAULT_TOLERANCE.get(dtype, 0.0)
+    criterion = "cosine" if by_cosine else "max_rel"
     if actual.shape != reference.shape:
-        return OutputComparison(name, dtype, list(reference.shape), float("inf"), float("inf"), 0.0, tolerance, False)
+        return OutputComparison(name, dtype, list(reference.shape), float("inf"), float("inf"), 0.0, float("-inf"), tolerance, False, criterion)
     a = actual.astype(np.float64).ravel()
     r = reference.astype(np.float64).ravel()
     max_abs = float(np.max(np.abs(a - r))) if a.size else 0.0
@@ -77,9 +88,14 @@ def compare(name: str, actual: np.ndarray, reference: np.ndarray, rtol: float | 
     max_rel = max_abs / scale if scale > 0 else max_abs
     norms = float(np.linalg.norm(a) * np.linalg.norm(r))
     cosine = float(np.dot(a, r) / norms) if norms > 0 else float(np.array_equal(a, r))
+    noise = float(np.sum((a - r) ** 2))
+    sqnr_db = float(10 * np.log10(float(np.sum(r ** 2)) / noise)) if noise > 0 and np.any(r) else float("inf")
     finite = bool(np.all(np.isfinite(a)) == np.all(np.isfinite(r)))
-    ok = finite and (max_rel <= tolerance if tolerance > 0 else max_abs == 0.0)
-    return OutputComparison(name, dtype, list(reference.shape), max_abs, max_rel, cosine, tolerance, ok)
+    if by_cosine:
+        ok = finite and cosine >= tolerance
+    else:
+        ok = finite and (max_rel <= tolerance if tolerance > 0 else max_abs == 0.0)
+    return OutputComparison(name, dtype, list(reference.shape), max_abs, max_rel, cosine, sqnr_db, tolerance, ok, criterion)
 
 
 def find_source_model(artifact: Artifact, model: str | Path | None) -> Path:
@@ -153,7 +169,12 @@ def verify_artifact(
     dim: Mapping[str, int] | Sequence[str] | None = None,
     rtol: float | None = None,
     seed: int = 0,
+    min_cosine: float | None = None,
 ) -> VerifyReport:
+    """Compares with onnxruntime on the source model; a quantized artifact by cosine (see module doc)."""
+    scheme = artifact.manifest.get("quantization", {}).get("scheme", "none")
+    if min_cosine is None and scheme != "none":
+        min_cosine = DEFAULT_MIN_COSINE[scheme]
     source = find_source_model(artifact, model)
     if inputs is None:
         feed = random_inputs(artifact.inputs, parse_dim_values(dim, "--dim"), seed)
@@ -170,5 +191,5 @@ def verify_artifact(
         raise
     except Exception as exc:  # noqa: BLE001 - onnxruntime's own errors, one line
         raise ArtifactError(f"onnxruntime failed on {source}: {str(exc).strip().splitlines()[0]}") from None
-    comparisons = [compare(name, np.asarray(actual[name]), np.asarray(reference[name]), rtol) for name in names]
+    comparisons = [compare(name, np.asarray(actual[name]), np.asarray(reference[name]), rtol, min_cosine) for name in names]
     return VerifyReport(str(artifact.path), artifact.target["name"], str(source), described, comparisons)

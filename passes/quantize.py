@@ -1,0 +1,465 @@
+"""quantize: int8 post-training quantization, or int4 weight-only quantization, of `main`.
+
+Runs after `fold-constants` (weights are constants) and before `fusion`. Off unless
+`ctx.options["quantize"]` is "int8" or "int4-weight".
+
+int8 (calibrated). For each `conv2d(x, W)` (NCHW/OIHW) and `matmul(x, W)` with a constant
+float32 weight:
+    W  -> Wq = round(W / sw), int8, symmetric per output channel: sw[c] = max|W[c]| / 127
+    x  -> xq = clip(round(x / sx) + zx), uint8 asymmetric or int8 symmetric (zx = 0); sx and zx
+          come from the observer (`calibrate_method`) over streaming histograms of x on the
+          calibration samples
+    y  =  float(conv2d/matmul(xq, Wq, out_dtype=int32) - zx * sum(Wq over the reduction)) * (sx * sw)
+The convolution or matmul runs in integer arithmetic with int32 accumulation (a nonzero zx pads
+explicitly with zx, so the correction term is exact at the borders). What follows (rescale,
+bias, activation) is float, and TVM's FuseOps fuses it with the next layer's quantize into the
+producing kernel: a requantize, so tensors between quantized layers are stored as 8 bits.
+Embedding lookups `take(T, ids, axis=0)` of a constant float table become int8 rows with a
+per-row scale (weight-only). Matmuls of two activations (attention) and everything else stay
+float; the stats list every candidate with its mode and, for float ones, the reason.
+
+int4-weight (no calibration). Each `matmul(x, W[K, N])` with a constant weight becomes one TE
+kernel  y[.., n] = sum_k x[.., k] * (q[k, n] - z) * s[k // G, n]  where q is 4 bits packed two
+per byte along K, s is float16 per group of G (`group_size`) along K, and z is 8 (symmetric) or a
+per-group uint8 zero point (`weight_scheme="asymmetric"`). The dequantized weight is computed
+inside the reduction: float weights are never materialized. Embedding tables become int4 rows
+grouped the same way along the row, or int8 per row with `int8_embeddings`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .base import CompileContext, GraphPass, PassInputError
+from .stats import constant_bytes
+
+SCHEMES = ("int8", "int4-weight")
+ACTIVATION_DTYPES = ("uint8", "int8")
+GROUP_SIZES = (32, 64, 128)
+WEIGHT_SCHEMES = ("symmetric", "asymmetric")
+# Relax op -> the ONNX op types it is imported from (names come from the source in graph order).
+SOURCE_OPS = {"relax.nn.conv2d": ("Conv",), "relax.matmul": ("MatMul", "Gemm"), "relax.take": ("Gather",)}
+OP_TYPE_ALIASES = {"Conv": {"conv", "conv2d"}, "MatMul": {"matmul", "gemm", "dense"}, "Gather": {"gather", "take", "embedding"}}
+
+
+@dataclasses.dataclass
+class Layer:
+    """One op that quantization may rewrite."""
+
+    name: str
+    op_type: str  # Conv | MatMul | Gather
+    call: Any
+    mode: str = "candidate"  # then int8 | int8-weight | int4-weight | float
+    reason: str = ""
+    scale: float = 0.0
+    zero_point: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        record: dict[str, Any] = {"name": self.name, "op_type": self.op_type, "mode": self.mode}
+        if self.reason:
+            record["reason"] = self.reason
+        if self.mode == "int8":
+            record["input_scale"] = self.scale
+            record["input_zero_point"] = self.zero_point
+        return record
+
+
+class Quantize(GraphPass):
+    """Quantizes conv2d/matmul/embedding weights (int8 per channel or int4 groups) and, for int8, calibrated activations, so those ops run in integer arithmetic."""
+
+    name = "quantize"
+
+    def run(self, mod: Any, ctx: CompileContext) -> tuple[Any, dict[str, Any]]:
+        options = ctx.options
+        scheme = options.get("quantize")
+        if not scheme:
+            return mod, {"scheme": "none"}
+        if scheme not in SCHEMES:
+            raise PassInputError(f"unknown quantization scheme {scheme!r}; known: {', '.join(SCHEMES)}")
+        main = mod["main"]
+        layers = find_layers(main, ctx.source_nodes)
+        _apply_exclusions(layers, options.get("exclude_op_type", ()), options.get("exclude_node", ()))
+        stats: dict[str, Any] = {"scheme": scheme, "weights_bytes_float": constant_bytes(mod)}
+        if scheme == "int8":
+            stats.update(_plan_int8(mod, layers, ctx))
+        else:
+            stats.update(_plan_int4(layers, options))
+        mod = _Rewriter(mod, {id_of(layer.call): layer for layer in layers if layer.mode != "float"}, options).rewrite()
+        from tvm import relax
+
+        mod = relax.transform.Normalize()(mod)
+        stats["weights_bytes"] = constant_bytes(mod)
+        modes = Counter(layer.mode for layer in layers)
+        stats["layers_by_mode"] = dict(sorted(modes.items()))
+        stats["layers"] = [layer.to_json() for layer in layers]
+        return mod, stats
+
+
+# --------------------------------------------------------------------------------- finding layers
+
+def id_of(expr: Any) -> int:
+    """A stable identity for an IR node across Python wrappers."""
+    return expr.__hash__()
+
+
+def find_layers(main: Any, source_nodes: Any) -> list[Layer]:
+    """conv2d, matmul and take calls of `main` in program order, named after their source nodes."""
+    import tvm
+    from tvm import relax
+
+    found: list[tuple[str, Any]] = []
+    for block in main.body.blocks:
+        for binding in block.bindings:
+            value = binding.value
+            if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and value.op.name in SOURCE_OPS:
+                found.append((value.op.name, value))
+    layers = []
+    for op_name, calls in _group(found).items():
+        op_type = SOURCE_OPS[op_name][0]
+        names = list(source_nodes.get(op_type, ()))
+        if len(names) != len(calls):  # the importer added or folded some: number them instead
+            names = [f"{op_type}#{i}" for i in range(len(calls))]
+        layers += [Layer(name, op_type, call) for name, call in zip(names, calls)]
+    order = {id_of(call): i for i, (_, call) in enumerate(found)}
+    layers.sort(key=lambda layer: order[id_of(layer.call)])
+    return layers
+
+
+def _group(found: Sequence[tuple[str, Any]]) -> dict[str, list[Any]]:
+    groups: dict[str, list[Any]] = {}
+    for op_name, call in found:
+        groups.setdefault(op_name, []).append(call)
+    return groups
+
+
+def _apply_exclusions(layers: list[Layer], op_types: Sequence[str], node_names: Sequence[str]) -> None:
+    wanted_types = {t.lower() for t in op_types}
+    known_types = set().union(*OP_TYPE_ALIASES.values())
+    unknown = sorted(wanted_types - known_types)
+    if unknown:
+        raise PassInputError(f"--exclude-op-type {unknown[0]!r} is not a quantizable op type; known: Conv, MatMul, Gemm, Gather")
+    names = {layer.name for layer in layers}
+    missing = [n for n in node_names if n not in names]
+    if missing:
+        raise PassInputError(f"--exclude-node {missing[0]!r}: no quantizable layer has that name (see the quantization report)")
+    for layer in layers:
+        if OP_TYPE_ALIASES[layer.op_type] & wanted_types:
+            layer.mode, layer.reason = "float", "excluded by --exclude-op-type"
+        elif layer.name in node_names:
+            layer.mode, layer.reason = "float", "excluded by --exclude-node"
+
+
+def _const(expr: Any) -> np.ndarray | None:
+    import tvm
+
+    return expr.value.numpy() if isinstance(expr, tvm.ir.expr.Constant) else None
+
+
+def _dtype(expr: Any) -> str:
+    return str(getattr(expr.ty, "dtype", ""))
+
+
+def _weight_reason(layer: Layer) -> str:
+    """Why this layer's weight cannot be quantized ("" if it can)."""
+    call = layer.call
+    weight = _const(call.args[1] if layer.op_type != "Gather" else call.args[0])
+    if weight is None:
+        return "both operands are activations" if layer.op_type == "MatMul" else "weight is not a constant"
+    if weight.dtype != np.float32:
+        return f"weight dtype is {weight.dtype}, not float32"
+    if layer.op_type == "Conv":
+        attrs = call.attrs
+        if str(attrs.data_layout) != "NCHW" or str(attrs.kernel_layout) != "OIHW":
+            return f"layout {attrs.data_layout}/{attrs.kernel_layout} (quantized only in NCHW/OIHW)"
+        if str(attrs.out_dtype) not in ("", "None", "float32"):
+            return f"output dtype {attrs.out_dtype}"
+    elif weight.ndim != 2:
+        return f"{weight.ndim}-D weight (quantized only 2-D)"
+    elif layer.op_type == "Gather" and int(call.attrs.axis) != 0:
+        return "gather along an axis other than rows"
+    return ""
+
+
+def _plan_int8(mod: Any, layers: list[Layer], ctx: CompileContext) -> dict[str, Any]:
+    from .calibrate import collect_histograms
+    from .observers import DEFAULT_OBSERVER, OBSERVERS, qparams
+
+    options = ctx.options
+    method = options.get("calibrate_method") or DEFAULT_OBSERVER
+    act_dtype = options.get("activation_dtype") or "uint8"
+    if method not in OBSERVERS:
+        raise PassInputError(f"unknown calibration method {method!r}; known: {', '.join(OBSERVERS)}")
+    if act_dtype not in ACTIVATION_DTYPES:
+        raise PassInputError(f"activation dtype must be one of {', '.join(ACTIVATION_DTYPES)}, not {act_dtype!r}")
+    taps: list[Any] = []
+    tap_of: dict[int, int] = {}
+    for layer in layers:
+        if layer.mode == "float":
+            continue
+        reason = _weight_reason(layer)
+        if not reason and layer.op_type != "Gather" and _dtype(layer.call.args[0]) != "float32":
+            reason = f"input dtype is {_dtype(layer.call.args[0])}"
+        if reason:
+            layer.mode, layer.reason = "float", reason
+            continue
+        if layer.op_type == "Gather":
+            layer.mode = "int8-weight"
+            continue
+        layer.mode = "int8"
+        x = layer.call.args[0]
+        if id_of(x) not in tap_of:
+            tap_of[id_of(x)] = len(taps)
+            taps.append(x)
+    if taps and ctx.calibration is None:
+        raise PassInputError("int8 quantization needs calibration data (--calibration PATH, or calibration= in the API)")
+    histograms, samples = collect_histograms(mod, taps, ctx.calibration) if taps else ([], 0)
+    symmetric = act_dtype == "int8"
+    for layer in layers:
+        if layer.mode == "int8":
+            lo, hi = OBSERVERS[method](histograms[tap_of[id_of(layer.call.args[0])]], symmetric)
+            layer.scale, layer.zero_point = qparams(lo, hi, act_dtype)
+    return {"activation_dtype": act_dtype, "observer": method, "calibration_samples": samples,
+            "weight_scheme": "symmetric int8 per output channel"}
+
+
+def _plan_int4(layers: list[Layer], options: dict[str, Any]) -> dict[str, Any]:
+    group = int(options.get("group_size") or 32)
+    weight_scheme = options.get("weight_scheme") or "symmetric"
+    if group not in GROUP_SIZES:
+        raise PassInputError(f"group size must be one of {', '.join(map(str, GROUP_SIZES))}, not {group}")
+    if weight_scheme not in WEIGHT_SCHEMES:
+        raise PassInputError(f"weight scheme must be symmetric or asymmetric, not {weight_scheme!r}")
+    for layer in layers:
+        if layer.mode == "float":
+            continue
+        if layer.op_type == "Conv":
+            layer.mode, layer.reason = "float", "int4-weight quantizes matmuls and embeddings only"
+            continue
+        reason = _weight_reason(layer)
+        if not reason:
+            weight = _const(layer.call.args[1] if layer.op_type == "MatMul" else layer.call.args[0])
+            reduction = weight.shape[0] if layer.op_type == "MatMul" else weight.shape[1]
+            if reduction % group:
+                reason = f"{'reduction' if layer.op_type == 'MatMul' else 'row'} length {reduction} is not a multiple of the group size {group}"
+        if reason:
+            layer.mode, layer.reason = "float", reason
+        elif layer.op_type == "Gather" and options.get("int8_embeddings"):
+            layer.mode = "int8-weight"
+        else:
+            layer.mode = "int4-weight"
+    return {"group_size": group, "weight_scheme": f"{weight_scheme} int4, float16 scales per {group} along the reduction",
+            "int8_embeddings": bool(options.get("int8_embeddings"))}
+
+
+# --------------------------------------------------------------------------------- weight packing
+
+def quantize_per_channel(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 along `axis` (the output channel): (int8 values, float32 scale per channel)."""
+    reduce_axes = tuple(i for i in range(weight.ndim) if i != axis)
+    peak = np.max(np.abs(weight.astype(np.float64)), axis=reduce_axes)
+    scale = np.where(peak > 0, peak / 127.0, 1.0)
+    shape = [1] * weight.ndim
+    shape[axis] = -1
+    q = np.clip(np.rint(weight / scale.reshape(shape)), -127, 127).astype(np.int8)
+    return q, scale.astype(np.float32)
+
+
+# Shrink factors of a group's range tried by the int4 scale search (1.0 = the plain min/max range).
+INT4_RANGE_FACTORS = np.linspace(1.0, 0.6, 17)
+
+
+def quantize_int4_groups(weight: np.ndarray, group: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """4-bit groups of `group` along axis 0 of a 2-D [K, N] weight.
+
+    Each group's scale is searched: its range shrunk by each of INT4_RANGE_FACTORS, the one with
+    the least squared error after rounding and clipping wins (outliers clip, the rest gain
+    resolution). Symmetric codes are q - 8 in [-8, 7]; asymmetric ones q - z with a per-group
+    zero point z. Returns (packed uint8 [K/2, N]: row 2j in the low nibble, 2j+1 in the high
+    one; float16 scales [K/G, N]; uint8 zero points [K/G, N], or None when symmetric).
+    """
+    k, n = weight.shape
+    w = weight.astype(np.float32).reshape(k // group, group, n)
+    if symmetric:
+        peak = np.max(np.abs(w), axis=1)
+        base_scale, base_zero = peak / 7.5, np.full(peak.shape, 8.0, np.float32)
+    else:
+        lo, hi = np.minimum(w.min(axis=1), 0.0), np.maximum(w.max(axis=1), 0.0)
+        base_scale, base_zero = (hi - lo) / 15.0, None
+    best_err = np.full(base_scale.shape, np.inf, np.float32)
+    best_scale = np.ones(base_scale.shape, np.float16)
+    best_zero = np.full(base_scale.shape, 8.0, np.float32)
+    for factor in INT4_RANGE_FACTORS:
+        scale = (base_scale * factor).astype(np.float16)
+        scale = np.where(scale > 0, scale, np.float16(1.0))
+        s32 = scale.astype(np.float32)
+        zero = base_zero if symmetric else np.clip(np.rint(-lo * factor / s32), 0, 15)
+        q = np.clip(np.rint(w / s32[:, None, :]) + zero[:, None, :], 0, 15)
+        err = np.sum((w - (q - zero[:, None, :]) * s32[:, None, :]) ** 2, axis=1)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_scale = np.where(better, scale, best_scale)
+        best_zero = np.where(better, zero, best_zero)
+    s32 = best_scale.astype(np.float32)
+    q = np.clip(np.rint(w / s32[:, None, :]) + best_zero[:, None, :], 0, 15).astype(np.uint8).reshape(k, n)
+    packed = (q[0::2] | (q[1::2] << 4)).astype(np.uint8)
+    return packed, best_scale, None if symmetric else best_zero.astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------- rewriting
+
+def _quantize_expr(x: Any, scale: float, zero_point: int, dtype: str) -> Any:
+    from tvm import relax
+
+    op = relax.op
+    q = op.round(op.multiply(x, relax.const(np.float32(1.0 / scale))))
+    if zero_point:
+        q = op.add(q, relax.const(np.float32(zero_point)))
+    lo, hi = (0, 255) if dtype == "uint8" else (-127, 127)
+    return op.astype(op.clip(q, lo, hi), dtype)
+
+
+def _q4_matmul_te(x: Any, packed: Any, scales: Any, *zeros: Any, group: int) -> Any:
+    from tvm import te, tirx
+
+    k_len = packed.shape[0] * 2
+    n_len = packed.shape[1]
+    k = te.reduce_axis((0, k_len), "k")
+
+    def weight(kk: Any, n: Any) -> Any:
+        byte = packed[kk // 2, n]
+        nibble = tirx.if_then_else(kk % 2 == 0, byte & tirx.const(15, "uint8"), byte >> tirx.const(4, "uint8"))
+        zero = zeros[0][kk // group, n].astype("float32") if zeros else tirx.const(8.0, "float32")
+        return (nibble.astype("float32") - zero) * scales[kk // group, n].astype("float32")
+
+    def body(*index: Any) -> Any:
+        return te.sum(x[(*index[:-1], k)] * weight(k, index[-1]), axis=k)
+
+    return te.compute((*x.shape[:-1], n_len), body, name="q4_matmul")
+
+
+def _q4_take_te(indices: Any, packed: Any, scales: Any, *zeros: Any, group: int) -> Any:
+    from tvm import te, tirx
+
+    width = packed.shape[1] * 2
+
+    def body(*index: Any) -> Any:
+        row, col = indices[index[:-1]], index[-1]
+        byte = packed[row, col // 2]
+        nibble = tirx.if_then_else(col % 2 == 0, byte & tirx.const(15, "uint8"), byte >> tirx.const(4, "uint8"))
+        zero = zeros[0][row, col // group].astype("float32") if zeros else tirx.const(8.0, "float32")
+        return (nibble.astype("float32") - zero) * scales[row, col // group].astype("float32")
+
+    return te.compute((*indices.shape, width), body, name="q4_take")
+
+
+class _Rewriter:
+    """Rewrites the planned calls of `main`; shares one quantize per (activation, scale, zero point)."""
+
+    def __init__(self, mod: Any, plans: dict[int, Layer], options: dict[str, Any]) -> None:
+        self.mod = mod
+        self.plans = plans
+        self.act_dtype = options.get("activation_dtype") or "uint8"
+        self.group = int(options.get("group_size") or 32)
+        self.symmetric4 = (options.get("weight_scheme") or "symmetric") == "symmetric"
+
+    def rewrite(self) -> Any:
+        from tvm import relax
+
+        outer = self
+
+        @relax.expr_functor.mutator
+        class Mutator(relax.PyExprMutator):
+            def __init__(self, mod: Any) -> None:
+                super().__init__(mod)
+                self.quantized: dict[tuple[int, float, int], Any] = {}
+
+            def visit_call_(self, call: Any) -> Any:
+                layer = outer.plans.get(id_of(call))
+                new = self.visit_expr_post_order(call)
+                if layer is None:
+                    return new
+                return outer.lower(layer, new, self)
+
+        mutator = Mutator(self.mod)
+        for gv, func in self.mod.functions_items():
+            if gv.name_hint == "main":
+                mutator.builder_.update_func(gv, mutator.visit_expr(func))
+        return mutator.builder_.get()
+
+    def activation(self, mutator: Any, x: Any, layer: Layer) -> Any:
+        key = (id_of(x), layer.scale, layer.zero_point)
+        if key not in mutator.quantized:
+            mutator.quantized[key] = mutator.builder_.emit(_quantize_expr(x, layer.scale, layer.zero_point, self.act_dtype))
+        return mutator.quantized[key]
+
+    def lower(self, layer: Layer, call: Any, mutator: Any) -> Any:
+        if layer.mode == "int8":
+            return self.conv_int8(layer, call, mutator) if layer.op_type == "Conv" else self.matmul_int8(layer, call, mutator)
+        if layer.mode == "int8-weight":
+            return self.take_int8(call)
+        if layer.op_type == "MatMul":
+            return self.matmul_int4(call, mutator)
+        return self.take_int4(call, mutator)
+
+    def conv_int8(self, layer: Layer, call: Any, mutator: Any) -> Any:
+        from tvm import relax
+
+        op, attrs = relax.op, call.attrs
+        wq, w_scale = quantize_per_channel(_const(call.args[1]), axis=0)
+        xq = self.activation(mutator, call.args[0], layer)
+        padding = [int(p) for p in attrs.padding]
+        if layer.zero_point and any(padding):  # pad with the zero point: real 0, as the float conv pads
+            top, left, bottom, right = padding
+            xq = op.nn.pad(xq, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(layer.zero_point))
+            padding = [0, 0, 0, 0]
+        acc = op.nn.conv2d(xq, relax.const(wq), strides=attrs.strides, padding=padding, dilation=attrs.dilation,
+                           groups=int(attrs.groups), data_layout="NCHW", kernel_layout="OIHW", out_dtype="int32")
+        if layer.zero_point:
+            correction = (layer.zero_point * wq.astype(np.int64).sum(axis=(1, 2, 3))).astype(np.int32)
+            acc = op.subtract(acc, relax.const(correction.reshape(1, -1, 1, 1)))
+        rescale = (np.float64(layer.scale) * w_scale).astype(np.float32).reshape(1, -1, 1, 1)
+        return op.multiply(op.astype(acc, "float32"), relax.const(rescale))
+
+    def matmul_int8(self, layer: Layer, call: Any, mutator: Any) -> Any:
+        from tvm import relax
+
+        op = relax.op
+        wq, w_scale = quantize_per_channel(_const(call.args[1]), axis=1)
+        acc = op.matmul(self.activation(mutator, call.args[0], layer), relax.const(wq), out_dtype="int32")
+        if layer.zero_point:
+            correction = (layer.zero_point * wq.astype(np.int64).sum(axis=0)).astype(np.int32)
+            acc = op.subtract(acc, relax.const(correction))
+        rescale = (np.float64(layer.scale) * w_scale).astype(np.float32)
+        return op.multiply(op.astype(acc, "float32"), relax.const(rescale))
+
+    def take_int8(self, call: Any) -> Any:
+        from tvm import relax
+
+        op, attrs = relax.op, call.attrs
+        tq, row_scale = quantize_per_channel(_const(call.args[0]), axis=0)
+        rows = op.take(relax.const(tq), call.args[1], axis=0, mode=str(attrs.mode))
+        scales = op.take(relax.const(row_scale.reshape(-1, 1)), call.args[1], axis=0, mode=str(attrs.mode))
+        return op.multiply(op.astype(rows, "float32"), scales)
+
+    def matmul_int4(self, call: Any, mutator: Any) -> Any:
+        from tvm import relax
+
+        packed, scales, zeros = quantize_int4_groups(_const(call.args[1]), self.group, self.symmetric4)
+        extra = [] if zeros is None else [relax.const(zeros)]
+        return mutator.builder_.call_te(_q4_matmul_te, call.args[0], relax.const(packed), relax.const(scales), *extra,
+                                        group=self.group, primfunc_name_hint="q4_matmul")
+
+    def take_int4(self, call: Any, mutator: Any) -> Any:
+        from tvm import relax
+
+        # rows of the table are the groups' home: quantize the transposed view so groups run along a row
+        packed_t, scales_t, zeros_t = quantize_int4_groups(_const(call.args[0]).T, self.group, self.symmetric4)
+        extra = [] if zeros_t is None else [relax.const(np.ascontiguousarray(zeros_t.T))]
+        return mutator.builder_.call_te(_q4_take_te, call.args[1], relax.const(np.ascontiguousarray(packed_t.T)),
+                                        relax.const(np.ascontiguousarray(scales_t.T)), *extra,
+                                        group=self.group, primfunc_name_hint="q4_take")
