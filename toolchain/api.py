@@ -59,7 +59,7 @@ def compile(  # noqa: A001 - the toolchain's verb
     exclude_op_type: Sequence[str] = (),
     exclude_node: Sequence[str] = (),
     group_size: int = 32,
-    weight_scheme: str = "symmetric",
+    weight_scheme: str = "asymmetric",
     int8_embeddings: bool = False,
 ) -> Artifact:
     """Compiles an ONNX file for a target profile into an artifact folder (and `.tar.gz` with archive).

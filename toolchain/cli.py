@@ -76,7 +76,7 @@ def cli(debug: bool) -> None:
 @click.option("--exclude-op-type", multiple=True, metavar="TYPE", help="Keep ops of this type (Conv, MatMul, Gemm, Gather) in float. Repeatable.")
 @click.option("--exclude-node", multiple=True, metavar="NAME", help="Keep this node (ONNX name) in float. Repeatable.")
 @click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True, help="int4 group length along the reduction.")
-@click.option("--weight-scheme", type=click.Choice(["symmetric", "asymmetric"]), default="symmetric", show_default=True, help="int4 weights: symmetric or with per-group zero points.")
+@click.option("--weight-scheme", type=click.Choice(["symmetric", "asymmetric"]), default="asymmetric", show_default=True, help="int4 weights: per-group zero points (asymmetric) or symmetric.")
 @click.option("--int8-embeddings", is_flag=True, help="With int4-weight: embedding tables int8 per row instead of int4.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
 @json_option
