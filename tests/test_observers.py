@@ -101,7 +101,7 @@ def test_all_zero_tensor_gives_zero_ranges_and_a_usable_scale():
 
 def test_registry():
     assert set(OBSERVERS) == {"minmax", "percentile", "entropy", "mse"}
-    assert DEFAULT_OBSERVER == "percentile"
+    assert DEFAULT_OBSERVER == "mse"
 
 
 def test_minmax_is_exact():

@@ -54,7 +54,7 @@ def compile(  # noqa: A001 - the toolchain's verb
     build_memory: int = DEFAULT_MEMORY_BYTES,
     quantize: str | None = None,
     calibration: str | Path | Iterable[Mapping[str, Any]] | None = None,
-    calibrate_method: str = "percentile",
+    calibrate_method: str = "mse",
     activation_dtype: str = "uint8",
     exclude_op_type: Sequence[str] = (),
     exclude_node: Sequence[str] = (),

@@ -71,7 +71,7 @@ def cli(debug: bool) -> None:
 @click.option("--build-memory", type=str, default=f"{DEFAULT_MEMORY_BYTES >> 30}GiB", show_default=True, help="Build memory limit (isolated builds), e.g. 8GiB.")
 @click.option("--quantize", type=click.Choice(["int8", "int4-weight"]), help="int8: calibrated int8 conv/matmul; int4-weight: 4-bit matmul and embedding weights.")
 @click.option("--calibration", type=click.Path(path_type=Path), help="Calibration inputs for int8: a .npz (leading sample axis per input) or a folder of .npz.")
-@click.option("--calibrate-method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default="percentile", show_default=True)
+@click.option("--calibrate-method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default="mse", show_default=True)
 @click.option("--activation-dtype", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True, help="uint8 asymmetric or int8 symmetric activations.")
 @click.option("--exclude-op-type", multiple=True, metavar="TYPE", help="Keep ops of this type (Conv, MatMul, Gemm, Gather) in float. Repeatable.")
 @click.option("--exclude-node", multiple=True, metavar="NAME", help="Keep this node (ONNX name) in float. Repeatable.")

@@ -1,0 +1,261 @@
+"""Quantization: int8 PTQ with calibration and int4 weight-only, on real models and real data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import run_socc
+from toolchain import api
+from toolchain.errors import UserError
+from toolchain.passes.quantize import pack_nibbles, quantize_int4_groups, quantize_per_channel
+
+# Real English sentences: the first set calibrates, the second is what accuracy is measured on.
+CALIBRATION_SENTENCES = [
+    "The weather was cold and windy all week.",
+    "She opened the window to let in some fresh air.",
+    "Our team won the final match last night.",
+    "Please send me the report before Friday.",
+    "The museum is closed on Mondays.",
+    "He bought a new bicycle for his daughter.",
+    "Heavy rain caused flooding in the valley.",
+    "The recipe needs two cups of flour and one egg.",
+]
+EVAL_SENTENCES = [
+    "A man is playing a guitar on the street.",
+    "The stock market fell sharply today.",
+    "Children are swimming in the lake.",
+    "The train to the airport leaves every ten minutes.",
+    "Doctors recommend drinking enough water each day.",
+    "A small dog is chasing a red ball in the park.",
+]
+SEQ = 16
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
+    return np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+# ------------------------------------------------------------------------------ digits CNN, int8
+
+@pytest.fixture(scope="module")
+def digits(models_dir: Path) -> dict:
+    from examples.models import digits_cnn, digits_data
+
+    model = digits_cnn(models_dir / "digits_cnn.onnx")
+    x_train, _, x_test, y_test = digits_data()
+    calibration = models_dir / "digits_calibration.npz"
+    np.savez(calibration, image=x_train[:256])  # rank 4 = the input's: split into batches of one
+    logits = ort.InferenceSession(str(model)).run(None, {"image": x_test})[0]
+    return {"model": model, "calibration": calibration, "x_test": x_test, "y_test": y_test,
+            "float_accuracy": float(np.mean(logits.argmax(1) == y_test))}
+
+
+@pytest.fixture(scope="module")
+def digits_int8_host(digits: dict, tmp_path_factory: pytest.TempPathFactory) -> api.Artifact:
+    out = tmp_path_factory.mktemp("q") / "digits.int8"
+    return api.compile(digits["model"], "host", out, quantize="int8", calibration=digits["calibration"], progress=False)
+
+
+def test_digits_int8_accuracy_within_one_point_on_host(digits: dict, digits_int8_host: api.Artifact) -> None:
+    logits = digits_int8_host.run({"image": digits["x_test"]})["logits"]
+    accuracy = float(np.mean(logits.argmax(1) == digits["y_test"]))
+    assert digits["float_accuracy"] > 0.95  # a really trained model, or the comparison means nothing
+    assert accuracy >= digits["float_accuracy"] - 0.01
+    quant = digits_int8_host.manifest["quantization"]
+    assert quant["layers_by_mode"] == {"int8": 5}  # 3 Conv + 2 Gemm, all integer
+    assert quant["calibration_samples"] == 256
+    assert quant["weights_bytes"] <= 0.26 * quant["weights_bytes_float"]
+
+
+def test_digits_int8_on_arm_matches_host_bit_for_bit(digits: dict, digits_int8_host: api.Artifact, tmp_path: Path) -> None:
+    art = api.compile(digits["model"], "arm-cpu", tmp_path / "digits.arm", quantize="int8",
+                      calibration=digits["calibration"], progress=False)
+    logits = art.run({"image": digits["x_test"]})["logits"]  # under qemu-aarch64
+    assert np.mean(logits.argmax(1) == digits["y_test"]) >= digits["float_accuracy"] - 0.01
+    # integer conv/matmul + the same float epilogue: the emulated aarch64 code gives the host's bits
+    np.testing.assert_array_equal(logits, digits_int8_host.run({"image": digits["x_test"]})["logits"])
+
+
+def test_int8_layers_really_compute_in_integers(digits: dict) -> None:
+    """After the quantize pass every conv2d/matmul takes 8-bit operands and accumulates in int32."""
+    import tvm
+
+    from toolchain.calibration import calibration_source
+    from toolchain.importer import import_onnx
+    from toolchain.passes import CompileContext, Decompose, FoldBatchNorm, FoldConstants, Quantize
+
+    imported = import_onnx(digits["model"])
+    ctx = CompileContext(tvm.target.Target({"kind": "llvm"}), "host", options={"quantize": "int8"},
+                         calibration=calibration_source(digits["calibration"], {"image": 4}),
+                         source_nodes=imported.nodes_by_op_type())
+    mod = imported.mod
+    for pass_type in (FoldBatchNorm, Decompose, FoldConstants, Quantize):
+        mod, stats = pass_type().run(mod, ctx)
+    seen = []
+
+    def visit(expr: object) -> None:
+        if isinstance(expr, tvm.relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name in ("relax.nn.conv2d", "relax.matmul"):
+            seen.append((expr.op.name, str(expr.args[0].ty.dtype), str(expr.args[1].ty.dtype), str(expr.ty.dtype)))
+
+    tvm.relax.analysis.post_order_visit(mod["main"], visit)
+    assert len(seen) == 5
+    assert all(x == "uint8" and w == "int8" and out == "int32" for _, x, w, out in seen), seen
+    assert [layer["name"] for layer in stats["layers"]] == ["/0/Conv", "/2/Conv", "/5/Conv", "/8/Gemm", "/10/Gemm"]
+
+
+def _single_conv_model(path: Path, padding: int, groups: int) -> Path:
+    rng = np.random.default_rng(1)
+    weight = rng.standard_normal((8, 8 // groups, 3, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W"], ["y"], name="conv", pads=[padding] * 4, group=groups)],
+        "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 10, 10])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 10, 10])], [numpy_helper.from_array(weight, "W")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+@pytest.mark.parametrize("activation_dtype,groups", [("uint8", 1), ("uint8", 8), ("int8", 1)])
+def test_int8_conv_equals_the_quantized_reference(tmp_path: Path, activation_dtype: str, groups: int) -> None:
+    """With a zero point and padding, the integer conv equals float conv of the dequantized
+    operands (padding with real zeros) to float rounding: the zero-point correction is exact."""
+    import torch
+
+    model = _single_conv_model(tmp_path / "conv.onnx", padding=1, groups=groups)
+    rng = np.random.default_rng(2)
+    samples = [{"x": (rng.standard_normal((1, 8, 10, 10)) + 0.7).astype(np.float32)} for _ in range(8)]
+    art = api.compile(model, "host", tmp_path / "conv.int8", quantize="int8", calibration=samples,
+                      activation_dtype=activation_dtype, calibrate_method="minmax", progress=False)
+    (layer,) = art.manifest["quantization"]["quantized"]
+    scale, zero = layer["input_scale"], layer["input_zero_point"]
+    assert (zero != 0) == (activation_dtype == "uint8")
+    x = samples[0]["x"]
+    lo, hi = (0, 255) if activation_dtype == "uint8" else (-127, 127)
+    x_dq = (np.clip(np.rint(x * np.float32(1 / scale)) + zero, lo, hi) - zero) * scale
+    weight = numpy_helper.to_array(onnx.load(model).graph.initializer[0])
+    wq, w_scale = quantize_per_channel(weight, axis=0)
+    expected = torch.nn.functional.conv2d(torch.from_numpy(x_dq.astype(np.float64)),
+                                          torch.from_numpy(wq.astype(np.float64) * w_scale[:, None, None, None]),
+                                          padding=1, groups=groups).numpy()
+    actual = art.run({"x": x})["y"]
+    assert np.max(np.abs(actual - expected)) <= 1e-5 * np.max(np.abs(expected))
+
+
+# --------------------------------------------------------------------------------- MiniLM, real weights
+
+@pytest.fixture(scope="module")
+def minilm_float(minilm: Path) -> dict:
+    from examples.models import minilm_tokenize
+
+    feed = minilm_tokenize(EVAL_SENTENCES, SEQ)
+    session = ort.InferenceSession(str(minilm))
+    names = [o.name for o in session.get_outputs()]
+    return {"feed": feed, "reference": dict(zip(names, session.run(None, feed)))}
+
+
+def test_minilm_int8_sentence_embeddings(minilm: Path, minilm_float: dict, tmp_path: Path) -> None:
+    from examples.models import minilm_tokenize
+
+    calibration = [minilm_tokenize([s], SEQ) for s in CALIBRATION_SENTENCES]
+    art = api.compile(minilm, "host", tmp_path / "minilm.int8", quantize="int8", calibration=calibration, progress=False)
+    out = art.run(minilm_float["feed"])
+    cos = _cosines(out["sentence_embedding"], minilm_float["reference"]["sentence_embedding"])
+    assert cos.min() >= 0.99, cos
+    quant = art.manifest["quantization"]
+    assert quant["layers_by_mode"]["int8"] == 36  # 6 layers x (q, k, v, out, ffn up, ffn down)
+    assert {layer["reason"] for layer in quant["kept_float"]} == {"both operands are activations"}
+    assert quant["weights_bytes"] <= 0.26 * quant["weights_bytes_float"]
+
+
+def test_minilm_int4_weight_sentence_embeddings(minilm: Path, minilm_float: dict, tmp_path: Path) -> None:
+    art = api.compile(minilm, "host", tmp_path / "minilm.int4", quantize="int4-weight", progress=False)
+    out = art.run(minilm_float["feed"])
+    cos = _cosines(out["sentence_embedding"], minilm_float["reference"]["sentence_embedding"])
+    assert cos.mean() >= 0.97 and cos.min() >= 0.965, cos
+    quant = art.manifest["quantization"]
+    assert quant["layers_by_mode"] == {"float": 12, "int4-weight": 39}  # 36 matmuls + 3 embedding tables
+    assert quant["weights_bytes"] <= 0.15 * quant["weights_bytes_float"]
+    report = api.verify(art, model=minilm, inputs=minilm_float["feed"])
+    assert report.ok and all(o.criterion == "cosine" for o in report.outputs if o.dtype == "float32")
+    assert not api.verify(art, model=minilm, inputs=minilm_float["feed"], min_cosine=0.9999).ok
+
+
+# ------------------------------------------------------------------------------ packing and options
+
+def test_int4_groups_round_trip_within_half_a_step() -> None:
+    rng = np.random.default_rng(3)
+    weight = rng.standard_normal((64, 6)).astype(np.float32) * np.array([0.01, 0.1, 1, 10, 100, 0], np.float32)
+    for symmetric in (True, False):
+        packed, scales, zeros = quantize_int4_groups(weight, 32, symmetric)
+        assert packed.shape == (32, 6) and scales.shape == (2, 6) and scales.dtype == np.float16
+        low, high = packed & 15, packed >> 4
+        q = np.empty((64, 6), np.float32)
+        q[0::2], q[1::2] = low, high
+        if symmetric:
+            zero = np.full((2, 6), 8.0)
+        else:
+            assert zeros.shape == (2, 3)
+            zero = np.empty((2, 6))
+            zero[:, 0::2], zero[:, 1::2] = zeros & 15, zeros >> 4
+        restored = (q.reshape(2, 32, 6) - zero[:, None]) * scales.astype(np.float32)[:, None]
+        error = np.abs(restored.reshape(64, 6) - weight)
+        step = np.repeat(scales.astype(np.float32), 32, axis=0)
+        clipped = error > step * 0.5 + 1e-6  # only the searched range's clipped outliers may exceed half a step
+        assert clipped.mean() < 0.05
+        assert np.all(restored[..., 5] == 0)  # an all-zero column stays exactly zero
+    assert np.array_equal(pack_nibbles(np.array([[1], [2], [3]], np.uint8), axis=0), np.array([[0x21], [0x03]], np.uint8))
+
+
+def test_calibration_from_a_folder_and_exclusions(digits: dict, tmp_path: Path) -> None:
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    x = np.load(digits["calibration"])["image"]
+    np.savez(folder / "a.npz", image=x[:40, None])  # rank 5: [samples, 1, 1, 8, 8]
+    np.savez(folder / "b.npz", image=x[40:64])
+    art = api.compile(digits["model"], "host", tmp_path / "d", quantize="int8", calibration=folder,
+                      exclude_node=["/8/Gemm"], exclude_op_type=["Conv"], progress=False)
+    quant = art.manifest["quantization"]
+    assert quant["calibration_samples"] == 64
+    kept = {layer["name"]: layer["reason"] for layer in quant["kept_float"]}
+    assert kept == {"/0/Conv": "excluded by --exclude-op-type", "/2/Conv": "excluded by --exclude-op-type",
+                    "/5/Conv": "excluded by --exclude-op-type", "/8/Gemm": "excluded by --exclude-node"}
+    assert [layer["name"] for layer in quant["quantized"]] == ["/10/Gemm"]
+
+
+def test_quantized_rebuild_is_byte_identical(digits: dict, digits_int8_host: api.Artifact, tmp_path: Path) -> None:
+    again = api.compile(digits["model"], "host", tmp_path / "again", quantize="int8", calibration=digits["calibration"], progress=False)
+    assert again.manifest["files"] == digits_int8_host.manifest["files"]
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"quantize": "int8"}, "int8 quantization needs calibration data"),
+    ({"quantize": "int8", "calibration": "missing.npz"}, "no such calibration file"),
+    ({"quantize": "int8", "calibration": [{"wrong": np.zeros((1, 1, 8, 8), np.float32)}]}, "no array for model input 'image'"),
+    ({"quantize": "int8", "calibration": []}, "calibration data holds no samples"),
+    ({"quantize": "int4-weight", "exclude_node": ["nope"]}, "--exclude-node 'nope': no quantizable layer"),
+    ({"quantize": "int4-weight", "group_size": 48}, "group size must be one of 32, 64, 128"),
+])
+def test_bad_quantization_input_is_one_clear_error(digits: dict, tmp_path: Path, options: dict, message: str) -> None:
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        api.compile(digits["model"], "host", tmp_path / "x", progress=False, **options)
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_quantize_int8_and_verify(digits: dict, tmp_path: Path) -> None:
+    out = tmp_path / "cli.int8"
+    result = run_socc("compile", digits["model"], "-o", out, "--quantize", "int8", "--calibration", digits["calibration"],
+                      "--calibrate-method", "minmax", "-q")
+    assert result.code == 0, result.stderr
+    np.savez(tmp_path / "test.npz", image=digits["x_test"])
+    verified = run_socc("verify", out, "--model", digits["model"], "--inputs", tmp_path / "test.npz")
+    assert verified.code == 0, verified.stdout + verified.stderr
+    assert "cosine>=0.99" in verified.stdout and "PASS" in verified.stdout
+    missing = run_socc("compile", digits["model"], "-o", tmp_path / "none", "--quantize", "int8", "-q")
+    assert missing.code == 2 and missing.stderr.strip().count("\n") == 0
+    assert "needs calibration data" in missing.stderr
