@@ -5,7 +5,11 @@ For each model, in one run on this machine:
     pattern fusion if present): kernels, latency;
   - plain TVM: `from_onnx` + `tvm.compile` with its default pipeline on the same ONNX;
   - onnxruntime, CPU provider, the same thread count;
-  - the memory plan: arena vs lower bound vs TVM's StaticPlanBlockMemory, weights, peak.
+  - the memory plan: arena vs lower bound vs TVM's StaticPlanBlockMemory, weights, peak;
+  - socc int8 (`--quantize int8`, default observer): latency, weights vs float, and the cosine of
+    its outputs against the float artifact's. Calibration: MiniLM on real sentences (padded to
+    128), the CNNs on 8 seeded random images of the timing input's distribution (their weights
+    are random too); for MiniLM also socc int4-weight.
 Latency: median of --runs timed calls after --warmup calls, same inputs, wall clock (perf_counter).
 Writes bench-results/bench.json and bench.md and prints one `BENCH ...` line per model.
 """
@@ -56,6 +60,45 @@ def models(folder: Path) -> dict[str, tuple[Path, dict[str, Any], dict[str, list
                      {"x": rng.standard_normal((1, 16)).astype(np.float32), "y": rng.standard_normal((1, 8)).astype(np.float32),
                       "scale": np.array([0.5], np.float32)}, {}),
     }
+
+
+def calibration(name: str, inputs: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    from examples import models as m
+
+    if name.startswith("minilm"):
+        return [m.minilm_tokenize([s], 128) for s in m.CALIBRATION_SENTENCES]
+    rng = np.random.default_rng(1)
+    return [{k: (rng.standard_normal(v.shape).astype(v.dtype) if v.dtype.kind == "f" else v) for k, v in inputs.items()}
+            for _ in range(8)]
+
+
+def cosine(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    """The lowest cosine over the float outputs."""
+    values = []
+    for name, x in a.items():
+        x, y = np.asarray(x, np.float64).ravel(), np.asarray(b[name], np.float64).ravel()
+        if np.asarray(b[name]).dtype.kind == "f":
+            values.append(float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y) or 1.0)))
+    return min(values) if values else 1.0
+
+
+def quantized_columns(name: str, path: Path, inputs: dict[str, np.ndarray], shapes: dict[str, list[int]], art: Any,
+                      out: Path, warmup: int, runs: int) -> dict[str, Any]:
+    import toolchain
+
+    reference = art.run(inputs)
+    row: dict[str, Any] = {}
+    schemes = [("int8", {"quantize": "int8", "calibration": calibration(name, inputs)})]
+    if name.startswith("minilm"):
+        schemes.append(("int4", {"quantize": "int4-weight"}))
+    for label, options in schemes:
+        start = time.perf_counter()
+        quantized = toolchain.compile(path, "host", out / f"{name}.{label}", shape=shapes, progress=False, **options)
+        row[f"{label}_compile_s"] = round(time.perf_counter() - start, 1)
+        row[f"socc_{label}_ms"] = median_ms(artifact_call(quantized, inputs), warmup, runs)
+        row[f"{label}_cosine"] = cosine(quantized.run(inputs), reference)
+        row[f"{label}_weights_ratio"] = quantized.manifest["quantization"]["weights_ratio"]
+    return row
 
 
 def unfused_passes() -> list[str]:
@@ -131,6 +174,8 @@ def bench_model(name: str, path: Path, inputs: dict[str, np.ndarray], shapes: di
         **{k: art.manifest["memory"][k] for k in ("arena_bytes", "lower_bound_bytes", "tvm_default_bytes", "weights_bytes", "peak_bytes")},
         "verified": toolchain.verify(art, model=path, inputs=inputs).ok,
     }
+    row.update(quantized_columns(name, path, inputs, shapes, art, out, warmup, runs))
+    row["int8_speedup"] = row["socc_ms"] / row["socc_int8_ms"]
     row["ratio_vs_ort"] = row["socc_ms"] / row["ort_ms"]
     row["ratio_vs_tvm_default"] = row["socc_ms"] / row["tvm_default_ms"]
     row["arena_vs_lower_bound"] = row["arena_bytes"] / row["lower_bound_bytes"] if row["lower_bound_bytes"] else 1.0
@@ -138,15 +183,20 @@ def bench_model(name: str, path: Path, inputs: dict[str, np.ndarray], shapes: di
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    head = ("| model | socc ms | unfused ms | TVM default ms | ORT ms | socc/ORT | socc/TVM | kernels (unfused) | "
+    head = ("| model | socc ms | int8 ms | float/int8 | int8 cos | int8 weights | unfused ms | TVM default ms | ORT ms | socc/ORT | socc/TVM | kernels (unfused) | "
             "arena | lower bound | TVM plan | arena/LB | compile s | artifact MB | verified |")
     lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['socc_ms']:.2f} | {r['unfused_ms']:.2f} | {r['tvm_default_ms']:.2f} | {r['ort_ms']:.2f} | "
+            f"| {r['model']} | {r['socc_ms']:.2f} | {r['socc_int8_ms']:.2f} | {r['int8_speedup']:.2f} | {r['int8_cosine']:.4f} | "
+            f"{r['int8_weights_ratio']:.1%} | {r['unfused_ms']:.2f} | {r['tvm_default_ms']:.2f} | {r['ort_ms']:.2f} | "
             f"{r['ratio_vs_ort']:.2f} | {r['ratio_vs_tvm_default']:.2f} | {r['kernels']} ({r['kernels_unfused']}) | "
             f"{r['arena_bytes']} | {r['lower_bound_bytes']} | {r['tvm_default_bytes']} | {r['arena_vs_lower_bound']:.3f} | "
             f"{r['compile_s']} | {r['artifact_bytes'] / 1e6:.1f} | {r['verified']} |")
+    for r in rows:
+        if "socc_int4_ms" in r:
+            lines.append(f"\n{r['model']} int4-weight: {r['socc_int4_ms']:.2f} ms, cosine {r['int4_cosine']:.4f}, "
+                         f"weights {r['int4_weights_ratio']:.1%} of float")
     return "\n".join(lines)
 
 
@@ -165,7 +215,7 @@ def main() -> int:
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
         row = bench_model(name, path, inputs, shapes, args.out, args.warmup, args.runs)
         rows.append(row)
-        print(f"BENCH model={name} socc_ms={row['socc_ms']:.3f} socc_int8_ms=NA tvm_default_ms={row['tvm_default_ms']:.3f} "
+        print(f"BENCH model={name} socc_ms={row['socc_ms']:.3f} socc_int8_ms={row['socc_int8_ms']:.3f} tvm_default_ms={row['tvm_default_ms']:.3f} "
               f"ort_ms={row['ort_ms']:.3f} ratio_vs_ort={row['ratio_vs_ort']:.3f}", flush=True)
     table = markdown(rows)
     print(f"\nthreads={THREADS} (TVM_NUM_THREADS and onnxruntime intra-op), host={os.uname().machine}, median of {args.runs} after {args.warmup} warm-up\n")

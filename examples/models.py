@@ -26,6 +26,25 @@ OPSET = 17
 #: Op types of `unsupported_op_model` that tvm.relax.frontend.onnx (0.27) has no converter for.
 UNSUPPORTED_OPS = ("Celu", "LpNormalization")
 MINILM_HIDDEN = 384
+# Real English sentences for MiniLM: the first set calibrates int8, the second measures accuracy.
+CALIBRATION_SENTENCES = [
+    "The weather was cold and windy all week.",
+    "She opened the window to let in some fresh air.",
+    "Our team won the final match last night.",
+    "Please send me the report before Friday.",
+    "The museum is closed on Mondays.",
+    "He bought a new bicycle for his daughter.",
+    "Heavy rain caused flooding in the valley.",
+    "The recipe needs two cups of flour and one egg.",
+]
+EVAL_SENTENCES = [
+    "A man is playing a guitar on the street.",
+    "The stock market fell sharply today.",
+    "Children are swimming in the lake.",
+    "The train to the airport leaves every ten minutes.",
+    "Doctors recommend drinking enough water each day.",
+    "A small dog is chasing a red ball in the park.",
+]
 
 
 def _save(model: onnx.ModelProto, path: str | os.PathLike) -> Path:

@@ -11,29 +11,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import run_socc
+from examples.models import CALIBRATION_SENTENCES, EVAL_SENTENCES
 from toolchain import api
 from toolchain.errors import UserError
 from toolchain.passes.quantize import pack_nibbles, quantize_int4_groups, quantize_per_channel
 
-# Real English sentences: the first set calibrates, the second is what accuracy is measured on.
-CALIBRATION_SENTENCES = [
-    "The weather was cold and windy all week.",
-    "She opened the window to let in some fresh air.",
-    "Our team won the final match last night.",
-    "Please send me the report before Friday.",
-    "The museum is closed on Mondays.",
-    "He bought a new bicycle for his daughter.",
-    "Heavy rain caused flooding in the valley.",
-    "The recipe needs two cups of flour and one egg.",
-]
-EVAL_SENTENCES = [
-    "A man is playing a guitar on the street.",
-    "The stock market fell sharply today.",
-    "Children are swimming in the lake.",
-    "The train to the airport leaves every ten minutes.",
-    "Doctors recommend drinking enough water each day.",
-    "A small dog is chasing a red ball in the park.",
-]
 SEQ = 16
 
 
