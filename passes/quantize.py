@@ -1,7 +1,10 @@
 """quantize: int8 post-training quantization, or int4 weight-only quantization, of `main`.
 
 Runs after `fold-constants` (weights are constants) and before `fusion`. Off unless
-`ctx.options["quantize"]` is "int8" or "int4-weight".
+`ctx.options["quantize"]` is "int8" or "int4-weight", or the model is already quantized in QDQ form
+(QuantizeLinear/DequantizeLinear around its ops, as onnxruntime's quantize_static writes it): then
+every conv2d/matmul fed by a per-tensor dequantize, with a weight exactly on a symmetric int8
+per-channel grid, runs on the same integer kernels with the model's own scales and zero points.
 
 int8 (calibrated). For each `conv2d(x, W)` (NCHW/OIHW) and `matmul(x, W)` with a constant
 float32 weight:
@@ -60,6 +63,8 @@ class Layer:
     reason: str = ""
     scale: float = 0.0
     zero_point: int = 0
+    quantized_input: Any = None  # a pre-quantized model's own 8-bit input tensor (QDQ form)
+    levels: int = 127  # the largest weight code (a pre-quantized model's grid may use fewer)
 
     def to_json(self) -> dict[str, Any]:
         record: dict[str, Any] = {"name": self.name, "op_type": self.op_type, "mode": self.mode}
@@ -80,7 +85,7 @@ class Quantize(GraphPass):
         options = ctx.options
         scheme = options.get("quantize")
         if not scheme:
-            return mod, {"scheme": "none"}
+            return _prequantized(mod, ctx)
         if scheme not in SCHEMES:
             raise PassInputError(f"unknown quantization scheme {scheme!r}; known: {', '.join(SCHEMES)}")
         main = mod["main"]
@@ -91,15 +96,76 @@ class Quantize(GraphPass):
             stats.update(_plan_int8(mod, layers, ctx))
         else:
             stats.update(_plan_int4(layers, options))
-        mod = _Rewriter(mod, {id_of(layer.call): layer for layer in layers if layer.mode != "float"}, options).rewrite()
-        from tvm import relax
+        return _rewrite(mod, layers, options, stats)
 
-        mod = relax.transform.Normalize()(mod)
-        stats["weights_bytes"] = constant_bytes(mod)
-        modes = Counter(layer.mode for layer in layers)
-        stats["layers_by_mode"] = dict(sorted(modes.items()))
-        stats["layers"] = [layer.to_json() for layer in layers]
-        return mod, stats
+
+def _rewrite(mod: Any, layers: list[Layer], options: dict[str, Any], stats: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    from tvm import relax
+
+    mod = _Rewriter(mod, {id_of(layer.call): layer for layer in layers if layer.mode != "float"}, options).rewrite()
+    mod = relax.transform.DeadCodeElimination()(relax.transform.Normalize()(mod))
+    stats["weights_bytes"] = constant_bytes(mod)
+    stats["layers_by_mode"] = dict(sorted(Counter(layer.mode for layer in layers).items()))
+    stats["layers"] = [layer.to_json() for layer in layers]
+    return mod, stats
+
+
+def _prequantized(mod: Any, ctx: CompileContext) -> tuple[Any, dict[str, Any]]:
+    """A model quantized elsewhere in QDQ form (as onnxruntime's quantize_static writes it): each
+    conv2d/matmul whose input is `dequantize(q, scale, zero_point)` of an 8-bit tensor (per-tensor)
+    and whose folded weight lies exactly on a symmetric int8 per-channel grid runs on the integer
+    kernels, taking `q` itself and the model's own scale and zero point. No calibration."""
+    from tvm import relax
+
+    main = mod["main"]
+    bound = relax.analysis.get_var2val(main)
+    layers = find_layers(main, ctx.source_nodes)
+    for layer in layers:
+        source = _dequantized_input(layer, bound)
+        reason = _weight_reason(layer) if source is not None and layer.op_type != "Gather" else "input is not dequantized"
+        levels = None if reason else _int8_grid(_const(layer.call.args[1]), axis=0 if layer.op_type == "Conv" else 1)
+        if not reason and levels is None:
+            reason = "weight is not on a symmetric int8 per-channel grid"
+        if reason:
+            layer.mode, layer.reason = "float", reason
+        else:
+            layer.mode, layer.quantized_input, layer.levels = "int8", source[0], levels
+            layer.scale, layer.zero_point = source[1], source[2]
+    if not any(layer.mode == "int8" for layer in layers):
+        return mod, {"scheme": "none"}
+    layers = [layer for layer in layers if layer.mode == "int8" or layer.op_type != "Gather"]
+    stats = {"scheme": "qdq", "weights_bytes_float": constant_bytes(mod),
+             "weight_scheme": "the model's own: symmetric int8 per output channel"}
+    return _rewrite(mod, layers, ctx.options, stats)
+
+
+def _dequantized_input(layer: Layer, bound: Any) -> tuple[Any, float, int] | None:
+    """(8-bit tensor, scale, zero point) when the layer's input is a per-tensor dequantize of it."""
+    import tvm
+
+    value = bound.get(layer.call.args[0])
+    if value is None or not isinstance(value.op, tvm.ir.Op) or value.op.name != "relax.dequantize":
+        return None
+    data, scale, zero = value.args[0], _const(value.args[1]), _const(value.args[2])
+    if _dtype(data) not in ("uint8", "int8") or scale is None or zero is None or scale.size != 1 or zero.size != 1:
+        return None
+    return data, float(scale.reshape(())), int(zero.reshape(()))
+
+
+# The largest weight code of symmetric int8 schemes: full range, and onnxruntime's reduce_range (7 bits).
+GRID_LEVELS = (127, 63, 64)
+
+
+def _int8_grid(weight: np.ndarray, axis: int) -> int | None:
+    """The `levels` for which weight == q * s exactly (int8 q, a scale per channel along `axis`), if any."""
+    shape = [1] * weight.ndim
+    shape[axis] = -1
+    for levels in GRID_LEVELS:
+        wq, scale = quantize_per_channel(weight, axis, levels)
+        error = np.max(np.abs(wq.astype(np.float64) * scale.reshape(shape) - weight))
+        if error <= 1e-6 * max(float(np.max(np.abs(weight))), 1e-30):
+            return levels
+    return None
 
 
 # --------------------------------------------------------------------------------- finding layers
@@ -260,11 +326,12 @@ def _plan_int4(layers: list[Layer], options: dict[str, Any]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------- weight packing
 
-def quantize_per_channel(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 along `axis` (the output channel): (int8 values, float32 scale per channel)."""
+def quantize_per_channel(weight: np.ndarray, axis: int, levels: int = 127) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 along `axis` (the output channel), the largest magnitude at +-`levels`:
+    (int8 values, float32 scale per channel)."""
     reduce_axes = tuple(i for i in range(weight.ndim) if i != axis)
     peak = np.max(np.abs(weight.astype(np.float64)), axis=reduce_axes)
-    scale = np.where(peak > 0, peak / 127.0, 1.0)
+    scale = np.where(peak > 0, peak / levels, 1.0)
     shape = [1] * weight.ndim
     shape[axis] = -1
     q = np.clip(np.rint(weight / scale.reshape(shape)), -127, 127).astype(np.int8)
@@ -429,6 +496,8 @@ class _Rewriter:
         return mutator.builder_.get()
 
     def activation(self, mutator: Any, x: Any, layer: Layer) -> Any:
+        if layer.quantized_input is not None:
+            return mutator.visit_expr(layer.quantized_input)
         key = (id_of(x), layer.scale, layer.zero_point)
         if key not in mutator.quantized:
             mutator.quantized[key] = mutator.builder_.emit(_quantize_expr(x, layer.scale, layer.zero_point, self.act_dtype))
@@ -447,7 +516,7 @@ class _Rewriter:
         from tvm import relax
 
         op, attrs = relax.op, call.attrs
-        wq, w_scale = quantize_per_channel(_const(call.args[1]), axis=0)
+        wq, w_scale = quantize_per_channel(_const(call.args[1]), axis=0, levels=layer.levels)
         xq = self.activation(mutator, call.args[0], layer)
         padding = [int(p) for p in attrs.padding]
         if layer.zero_point and any(padding):  # pad with the zero point: real 0, as the float conv pads
@@ -466,7 +535,7 @@ class _Rewriter:
         from tvm import relax
 
         op = relax.op
-        wq, w_scale = quantize_per_channel(_const(call.args[1]), axis=1)
+        wq, w_scale = quantize_per_channel(_const(call.args[1]), axis=1, levels=layer.levels)
         acc = op.matmul(self.activation(mutator, call.args[0], layer), relax.const(wq), out_dtype="int32")
         if layer.zero_point:
             correction = (layer.zero_point * wq.astype(np.int64).sum(axis=0)).astype(np.int32)

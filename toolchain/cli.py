@@ -213,6 +213,12 @@ def inspect_command(artifact: Path, as_json: bool) -> None:
                 lines.append(f"         {'':<16}{key}: " + ", ".join(f"{k}={v}" for k, v in value.items()))
     if "memory" in m:
         lines.append("memory   " + " ".join(f"{k}={v}" for k, v in m["memory"].items()))
+    quant = m.get("quantization", {"scheme": "none"})
+    if quant["scheme"] != "none":
+        lines.append(f"quant    {quant['scheme']} weights {quant['weights_bytes']} bytes ({quant['weights_ratio']:.1%} of float) "
+                     + " ".join(f"{k}={v}" for k, v in quant["layers_by_mode"].items()))
+        lines += [f"layer    {q['name']:<40}{q['mode']}" for q in quant["quantized"]]
+        lines += [f"layer    {q['name']:<40}float: {q['reason']}" for q in quant["kept_float"]]
     lines += [f"file     {name:<28}{f['size']:>12}  {f['sha256'][:16]}" for name, f in m["files"].items()]
     _emit(m, "\n".join(lines))
 
