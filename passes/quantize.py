@@ -94,6 +94,8 @@ class Quantize(GraphPass):
         stats: dict[str, Any] = {"scheme": scheme, "weights_bytes_float": constant_bytes(mod)}
         if scheme == "int8":
             stats.update(_plan_int8(mod, layers, ctx))
+            if options.get("max_accuracy_drop") is not None:
+                stats["sensitivity"] = _keep_sensitive_in_float(mod, layers, ctx, float(options["max_accuracy_drop"]))
         else:
             stats.update(_plan_int4(layers, options))
         return _rewrite(mod, layers, options, stats)
@@ -108,6 +110,36 @@ def _rewrite(mod: Any, layers: list[Layer], options: dict[str, Any], stats: dict
     stats["layers_by_mode"] = dict(sorted(Counter(layer.mode for layer in layers).items()))
     stats["layers"] = [layer.to_json() for layer in layers]
     return mod, stats
+
+
+def _keep_sensitive_in_float(mod: Any, layers: list[Layer], ctx: CompileContext, max_drop: float) -> dict[str, Any]:
+    """Measures each int8 layer alone, then keeps the most sensitive ones in float until the
+    calibration set's error (1 - cosine of the outputs against float) is within `max_drop`."""
+    from tvm import relax
+
+    from .sensitivity import Switchboard
+
+    quantized = [layer for layer in layers if layer.mode == "int8"]
+    flags = relax.Var("socc_layer_flags", relax.TensorType([len(quantized)], "bool"))
+    switched = _Rewriter(mod, {id_of(layer.call): layer for layer in quantized}, ctx.options, switch=flags).rewrite()
+    board = Switchboard(relax.transform.Normalize()(switched), len(quantized), ctx.calibration)
+    alone = board.sqnr_alone()
+    kept: list[Layer] = []
+    on = [True] * len(quantized)
+    drop = board.drop(on)
+    steps = [{"float_layers": 0, "drop": drop}]
+    for i in sorted(range(len(quantized)), key=lambda i: alone[i]):
+        if drop <= max_drop:
+            break
+        on[i] = False
+        kept.append(quantized[i])
+        drop = board.drop(on)
+        steps.append({"float_layers": len(kept), "drop": drop})
+    for layer in kept:
+        layer.mode = "float"
+        layer.reason = f"kept in float by --max-accuracy-drop (alone: {alone[quantized.index(layer)]:.1f} dB SQNR)"
+    return {"max_accuracy_drop": max_drop, "drop": drop, "met": drop <= max_drop, "steps": steps,
+            "sqnr_db_alone": {layer.name: round(alone[i], 2) for i, layer in enumerate(quantized)}}
 
 
 def _prequantized(mod: Any, ctx: CompileContext) -> tuple[Any, dict[str, Any]]:
@@ -464,9 +496,13 @@ def _q4_take_te(indices: Any, packed: Any, scales: Any, *zeros: Any, group: int)
 class _Rewriter:
     """Rewrites the planned calls of `main`; shares one quantize per (activation, scale, zero point)."""
 
-    def __init__(self, mod: Any, plans: dict[int, Layer], options: dict[str, Any]) -> None:
+    def __init__(self, mod: Any, plans: dict[int, Layer], options: dict[str, Any], switch: Any = None) -> None:
         self.mod = mod
         self.plans = plans
+        # With `switch` (a bool vector var), layer i computes where(switch[i], quantized, float):
+        # one module measures any subset of quantized layers (see sensitivity.py).
+        self.switch = switch
+        self.order = {key: i for i, key in enumerate(plans)}
         self.act_dtype = options.get("activation_dtype") or "uint8"
         self.group = int(options.get("group_size") or 32)
         self.symmetric4 = (options.get("weight_scheme") or DEFAULT_WEIGHT_SCHEME) == "symmetric"
@@ -487,12 +523,22 @@ class _Rewriter:
                 new = self.visit_expr_post_order(call)
                 if layer is None:
                     return new
-                return outer.lower(layer, new, self)
+                lowered = outer.lower(layer, new, self)
+                if outer.switch is None:
+                    return lowered
+                flag = relax.op.take(outer.switch, relax.const(outer.order[id_of(call)], "int64"), axis=0)
+                return relax.op.where(flag, lowered, new)
 
         mutator = Mutator(self.mod)
         for gv, func in self.mod.functions_items():
             if gv.name_hint == "main":
-                mutator.builder_.update_func(gv, mutator.visit_expr(func))
+                new_main = mutator.visit_expr(func)
+                if self.switch is not None:
+                    num_input = int(func.attrs["num_input"]) if "num_input" in func.attrs else len(func.params)
+                    new_main = relax.Function([*new_main.params[:num_input], self.switch, *new_main.params[num_input:]],
+                                              new_main.body, new_main.ret_ty, new_main.is_pure,
+                                              new_main.attrs).with_attr("num_input", num_input + 1)
+                mutator.builder_.update_func(gv, new_main)
         return mutator.builder_.get()
 
     def activation(self, mutator: Any, x: Any, layer: Layer) -> Any:

@@ -279,3 +279,24 @@ def test_onnxruntime_qdq_model_runs_on_integer_kernels(digits: dict, tmp_path: P
     if reduce_range:  # onnxruntime's fused x86 u8s8 kernels are exact only with 7-bit weights (int16 saturation otherwise)
         optimized = ort.InferenceSession(str(qdq)).run(None, feed)[0]
         assert np.max(np.abs(actual - optimized)) <= step * 1.001
+
+
+def test_max_accuracy_drop_keeps_the_most_sensitive_layers_in_float(digits: dict, tmp_path: Path) -> None:
+    def build(max_drop: float) -> dict:
+        art = api.compile(digits["model"], "host", tmp_path / f"drop{max_drop}", quantize="int8",
+                          calibration=digits["calibration"], max_accuracy_drop=max_drop, progress=False)
+        return art.manifest["quantization"]
+
+    loose = build(1.0)
+    assert loose["layers_by_mode"] == {"int8": 5} and loose["sensitivity"]["met"]
+    all_int8_drop = loose["sensitivity"]["drop"]
+    assert 0 < all_int8_drop < 0.01
+    tight = build(all_int8_drop / 4)
+    sensitivity = tight["sensitivity"]
+    assert sensitivity["met"] and sensitivity["drop"] <= all_int8_drop / 4
+    drops = [step["drop"] for step in sensitivity["steps"]]
+    assert drops[0] == pytest.approx(all_int8_drop) and len(drops) >= 2
+    by_sensitivity = sorted(sensitivity["sqnr_db_alone"], key=sensitivity["sqnr_db_alone"].get)
+    kept = [layer["name"] for layer in tight["kept_float"]]
+    assert set(kept) == set(by_sensitivity[:len(kept)])  # the lowest-SQNR layers went back to float first
+    assert all("--max-accuracy-drop" in layer["reason"] for layer in tight["kept_float"])

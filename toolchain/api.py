@@ -61,6 +61,7 @@ def compile(  # noqa: A001 - the toolchain's verb
     group_size: int = 32,
     weight_scheme: str = "asymmetric",
     int8_embeddings: bool = False,
+    max_accuracy_drop: float | None = None,
 ) -> Artifact:
     """Compiles an ONNX file for a target profile into an artifact folder (and `.tar.gz` with archive).
 
@@ -75,7 +76,9 @@ def compile(  # noqa: A001 - the toolchain's verb
     `calibration` (a .npz path, a folder of .npz, or an iterable of input dicts; with `isolate`,
     a path only), observed by `calibrate_method` (minmax, percentile, entropy, mse);
     `quantize="int4-weight"` packs matmul and embedding weights to 4 bits in groups of
-    `group_size` along the reduction. `exclude_op_type` / `exclude_node` keep layers in float.
+    `group_size` along the reduction. `exclude_op_type` / `exclude_node` keep layers in float;
+    `max_accuracy_drop` (int8) keeps the most sensitive layers in float until the calibration
+    set's mean 1 - cosine against float is within it.
     """
     quantize_options = {
         "quantize": quantize,
@@ -87,6 +90,7 @@ def compile(  # noqa: A001 - the toolchain's verb
         "group_size": group_size,
         "weight_scheme": weight_scheme,
         "int8_embeddings": int8_embeddings,
+        "max_accuracy_drop": max_accuracy_drop,
     }
     if isolate:
         from .artifact import sweep_staging
@@ -267,7 +271,7 @@ def _rebuild_quantize_options(options: Mapping[str, Any]) -> dict[str, Any]:
     if options.get("calibration") == "python iterable":
         raise UserError("this artifact was calibrated from a Python iterable; rebuild it with compile(..., calibration=...)")
     names = ("quantize", "calibration", "calibrate_method", "activation_dtype", "exclude_op_type", "exclude_node",
-             "group_size", "weight_scheme", "int8_embeddings")
+             "group_size", "weight_scheme", "int8_embeddings", "max_accuracy_drop")
     return {name: options[name] for name in names if name in options}
 
 
