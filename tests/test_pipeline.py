@@ -16,7 +16,8 @@ def names(passes: list) -> list[str]:
 
 
 def test_standard_order() -> None:
-    assert names(select_passes()) == ["fold-batchnorm", "decompose", "fold-constants", "fusion", "legalize", "fuse-kernels",
+    assert names(select_passes()) == ["fold-batchnorm", "decompose", "fold-constants", "quantize", "fusion", "legalize",
+                                     "fuse-kernels",
                                      "lower-calls", "static-plan", "memory-plan", "lower-vm"]
 
 

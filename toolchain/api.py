@@ -129,6 +129,8 @@ def compile(  # noqa: A001 - the toolchain's verb
     limits = Limits(max_model_size, max_tensor_elements)
     shapes = parse_shape_options(shape, limits)
     selected = select_passes(profile.default_passes, passes, skip_pass)
+    if quantize and "quantize" not in [p.name for p in selected]:
+        raise UserError(f"--quantize {quantize} needs the quantize pass, which the chosen pass list leaves out")
     check_fusion_names(skip_fusion)
     check_toolchain(profile)
     options = {
@@ -161,7 +163,7 @@ def compile(  # noqa: A001 - the toolchain's verb
     tvm_target = tvm.target.Target(target_json)
     samples = None
     if calibration is not None:
-        samples = calibration_source(calibration, {spec.name: len(spec.shape) for spec in imported.inputs})
+        samples = calibration_source(calibration, {spec.name: spec.shape for spec in imported.inputs})
     ctx = CompileContext(tvm_target, profile.name, profile.features, profile.vector_bits, options,
                          calibration=samples, source_nodes=imported.nodes_by_op_type())
     mod, records = run_passes(imported.mod, selected, ctx, log)

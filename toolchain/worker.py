@@ -34,6 +34,10 @@ def main(request_path: str) -> int:
             data = {"ok": False, "kind": type(exc).__name__, "error": str(exc)}
         except MemoryError:
             data = {"ok": False, "kind": "BuildError", "error": f"out of memory in stage {last_stage(Path(request['status']))}"}
+        except SystemError as exc:  # a C extension that failed to allocate often returns NULL with no exception set
+            data = {"ok": False, "kind": "BuildError",
+                    "error": f"out of memory in stage {last_stage(Path(request['status']))} (a native SystemError under the "
+                             f"build memory limit: {str(exc).strip()[:80]}); raise --build-memory if the model needs more"}
         except Exception as exc:  # noqa: BLE001 - reported as one line naming the stage
             first = str(exc).strip().splitlines()
             data = {"ok": False, "kind": "BuildError",
