@@ -211,12 +211,11 @@ def test_calibration_from_a_folder_and_exclusions(digits: dict, tmp_path: Path) 
 
 
 def test_quantized_rebuild_is_byte_identical(digits: dict, tmp_path: Path) -> None:
-    # A fixed batch: with a symbolic one, TVM 0.27's VMShapeLower numbers its shape-heap slots in an
-    # order that can change between runs (seen here on this model), so model.so may differ.
-    options = dict(quantize="int8", calibration=digits["calibration"], shape={"image": [16, 1, 8, 8]}, progress=False)
-    first = api.compile(digits["model"], "host", tmp_path / "first", **options)
-    again = api.compile(digits["model"], "host", tmp_path / "again", **options)
-    assert again.manifest["files"] == first.manifest["files"]
+    """Symbolic batch included: TVM's VMShapeLower orders its shape-heap stores by a pointer-keyed
+    table (a different model.so run to run, seen in CI); lower-vm puts them in canonical order."""
+    options = dict(quantize="int8", calibration=digits["calibration"], progress=False)
+    builds = [api.compile(digits["model"], "host", tmp_path / f"build{i}", **options).manifest["files"] for i in range(3)]
+    assert builds[0] == builds[1] == builds[2]
 
 
 @pytest.mark.parametrize("options,message", [
