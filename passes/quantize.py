@@ -47,6 +47,9 @@ GROUP_SIZES = (32, 64, 128)
 WEIGHT_SCHEMES = ("symmetric", "asymmetric")
 # int4 default: per-group zero points cost 4 bits a group and gain accuracy (MiniLM cosine 0.966 -> 0.973)
 DEFAULT_WEIGHT_SCHEME = "asymmetric"
+# Ops that give the same result on quantized data as on float data quantized after them
+# (quantize is monotonic, these only select or move values).
+QUANTIZE_COMMUTING_OPS = ("relax.nn.max_pool2d", "relax.reshape", "relax.permute_dims", "relax.flatten")
 # Relax op -> the ONNX op types it is imported from (names come from the source in graph order).
 SOURCE_OPS = {"relax.nn.conv2d": ("Conv",), "relax.matmul": ("MatMul", "Gemm"), "relax.take": ("Gather",)}
 OP_TYPE_ALIASES = {"Conv": {"conv", "conv2d"}, "MatMul": {"matmul", "gemm", "dense"}, "Gather": {"gather", "take", "embedding"}}
@@ -542,11 +545,21 @@ class _Rewriter:
         return mutator.builder_.get()
 
     def activation(self, mutator: Any, x: Any, layer: Layer) -> Any:
+        """x quantized. Through max-pooling and layout ops, which commute exactly with a monotonic
+        quantize, the quantize moves to their input, so they run on 8-bit data too."""
+        from tvm import relax
+
         if layer.quantized_input is not None:
             return mutator.visit_expr(layer.quantized_input)
         key = (id_of(x), layer.scale, layer.zero_point)
         if key not in mutator.quantized:
-            mutator.quantized[key] = mutator.builder_.emit(_quantize_expr(x, layer.scale, layer.zero_point, self.act_dtype))
+            source = mutator.lookup_binding(x) if isinstance(x, relax.Var) else None
+            if isinstance(source, relax.Call) and getattr(source.op, "name", "") in QUANTIZE_COMMUTING_OPS:
+                inner = self.activation(mutator, source.args[0], layer)
+                expr = relax.Call(source.op, [inner, *source.args[1:]], source.attrs, source.ty_args)
+            else:
+                expr = _quantize_expr(x, layer.scale, layer.zero_point, self.act_dtype)
+            mutator.quantized[key] = mutator.builder_.emit(expr)
         return mutator.quantized[key]
 
     def lower(self, layer: Layer, call: Any, mutator: Any) -> Any:

@@ -80,13 +80,16 @@ def test_int8_layers_really_compute_in_integers(digits: dict) -> None:
     mod = imported.mod
     for pass_type in (FoldBatchNorm, Decompose, FoldConstants, Quantize):
         mod, stats = pass_type().run(mod, ctx)
-    seen = []
+    seen, pools = [], []
 
     def visit(expr: object) -> None:
         if isinstance(expr, tvm.relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name in ("relax.nn.conv2d", "relax.matmul"):
             seen.append((expr.op.name, str(expr.args[0].ty.dtype), str(expr.args[1].ty.dtype), str(expr.ty.dtype)))
+        if isinstance(expr, tvm.relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.nn.max_pool2d":
+            pools.append(str(expr.ty.dtype))
 
     tvm.relax.analysis.post_order_visit(mod["main"], visit)
+    assert pools == ["uint8"]  # the quantize moved above the max-pool: it pools 8-bit data
     assert len(seen) == 5
     assert all(x == "uint8" and w == "int8" and out == "int32" for _, x, w, out in seen), seen
     assert [layer["name"] for layer in stats["layers"]] == ["/0/Conv", "/2/Conv", "/5/Conv", "/8/Gemm", "/10/Gemm"]
