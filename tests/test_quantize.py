@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -242,9 +243,15 @@ def test_cli_quantize_int8_and_verify(digits: dict, tmp_path: Path) -> None:
                       "--calibrate-method", "minmax", "-q")
     assert result.code == 0, result.stderr
     np.savez(tmp_path / "test.npz", image=digits["x_test"])
-    verified = run_socc("verify", out, "--model", digits["model"], "--inputs", tmp_path / "test.npz")
+    np.save(tmp_path / "labels.npy", digits["y_test"])
+    verified = run_socc("verify", out, "--model", digits["model"], "--inputs", tmp_path / "test.npz",
+                        "--labels", tmp_path / "labels.npy", "--json")
     assert verified.code == 0, verified.stdout + verified.stderr
-    assert "cosine>=0.99" in verified.stdout and "PASS" in verified.stdout
+    report = json.loads(verified.stdout)
+    assert report["ok"] and report["outputs"][0]["criterion"] == "cosine" and report["outputs"][0]["tolerance"] == 0.99
+    top1 = report["top1"]
+    assert top1["samples"] == 360 and top1["reference_accuracy"] == pytest.approx(digits["float_accuracy"])
+    assert top1["accuracy"] >= digits["float_accuracy"] - 0.01 and top1["agreement"] >= 0.98
     inspected = run_socc("inspect", out)
     assert "quant    int8" in inspected.stdout and "/0/Conv" in inspected.stdout
     missing = run_socc("compile", digits["model"], "-o", tmp_path / "none", "--quantize", "int8", "-q")

@@ -298,14 +298,17 @@ def verify(
     rtol: float | None = None,
     seed: int = 0,
     min_cosine: float | None = None,
+    labels: Any = None,
 ) -> VerifyReport:
     """Runs the artifact and onnxruntime on the source model with the same inputs and compares.
+
+    With `labels`, also top-1 accuracy of artifact and reference and their agreement.
 
     A quantized artifact is compared with the float source by cosine (`min_cosine`, default by scheme)."""
     from .verify import verify_artifact
 
     art = artifact if isinstance(artifact, Artifact) else load(artifact)
-    return verify_artifact(art, model=model, inputs=inputs, dim=dim, rtol=rtol, seed=seed, min_cosine=min_cosine)
+    return verify_artifact(art, model=model, inputs=inputs, dim=dim, rtol=rtol, seed=seed, min_cosine=min_cosine, labels=labels)
 
 
 __all__ = ["compile", "load", "rebuild", "run", "verify", "Artifact", "VerifyReport", "UserError"]

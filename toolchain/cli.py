@@ -152,13 +152,15 @@ def run_command(artifact: Path, inputs_path: Path, outputs_path: Path, as_json: 
 @click.option("--dim", multiple=True, metavar="NAME=N", help="Value of a symbolic dimension for random inputs.")
 @click.option("--rtol", type=float, help="Max relative error allowed (default by dtype: float32 1e-4).")
 @click.option("--min-cosine", type=float, help="Quantized artifacts: min cosine against the float model (default int8 0.99, int4-weight 0.97).")
+@click.option("--labels", type=click.Path(path_type=Path), help=".npy/.npz of class indices: adds top-1 accuracy and agreement of the first output.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @json_option
 def verify_command(artifact: Path, inputs_path: Path | None, model: Path | None, dim: tuple[str, ...],
-                   rtol: float | None, seed: int, as_json: bool, min_cosine: float | None) -> None:
+                   rtol: float | None, seed: int, as_json: bool, min_cosine: float | None, labels: Path | None) -> None:
     """Run an artifact and onnxruntime on the same inputs; exit 1 if outside tolerance."""
     _state["json"] = as_json
-    report = api.verify(artifact, model=model, inputs=inputs_path, dim=list(dim), rtol=rtol, seed=seed, min_cosine=min_cosine)
+    report = api.verify(artifact, model=model, inputs=inputs_path, dim=list(dim), rtol=rtol, seed=seed, min_cosine=min_cosine,
+                        labels=labels)
     _emit(report.to_json(), report.table())
     if not report.ok:
         sys.exit(1)

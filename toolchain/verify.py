@@ -47,12 +47,24 @@ class OutputComparison:
 
 
 @dataclasses.dataclass
+class TopOneReport:
+    """Classification view of one output against labels: argmax over its last axis."""
+
+    output: str
+    samples: int
+    accuracy: float  # the artifact's top-1 accuracy on the labels
+    reference_accuracy: float  # the reference model's
+    agreement: float  # how often the artifact's top-1 equals the reference's
+
+
+@dataclasses.dataclass
 class VerifyReport:
     artifact: str
     target: str
     reference: str
     inputs: str
     outputs: list[OutputComparison]
+    top1: TopOneReport | None = None
 
     @property
     def ok(self) -> bool:
@@ -69,6 +81,10 @@ class VerifyReport:
             lines.append(
                 f"{o.name:<24}{str(o.shape):<20}{o.max_abs:12.3e}{o.max_rel:12.3e}{o.cosine:12.8f}{o.sqnr_db:9.1f}{rule:>18}  {'ok' if o.ok else 'FAIL'}"
             )
+        if self.top1 is not None:
+            t = self.top1
+            lines.append(f"top-1 on {t.samples} labels ({t.output}): artifact {t.accuracy:.2%}, reference {t.reference_accuracy:.2%}, "
+                         f"agreement {t.agreement:.2%}")
         lines.append("PASS" if self.ok else "FAIL")
         return "\n".join(lines)
 
@@ -170,8 +186,12 @@ def verify_artifact(
     rtol: float | None = None,
     seed: int = 0,
     min_cosine: float | None = None,
+    labels: Any = None,
 ) -> VerifyReport:
-    """Compares with onnxruntime on the source model; a quantized artifact by cosine (see module doc)."""
+    """Compares with onnxruntime on the source model; a quantized artifact by cosine (see module doc).
+
+    `labels` (an integer array, or a .npy/.npz file holding one) adds top-1 accuracy and agreement
+    of the first output, read as class scores over its last axis."""
     scheme = artifact.manifest.get("quantization", {}).get("scheme", "none")
     if min_cosine is None and scheme != "none":
         min_cosine = DEFAULT_MIN_COSINE[scheme]
@@ -192,4 +212,35 @@ def verify_artifact(
     except Exception as exc:  # noqa: BLE001 - onnxruntime's own errors, one line
         raise ArtifactError(f"onnxruntime failed on {source}: {str(exc).strip().splitlines()[0]}") from None
     comparisons = [compare(name, np.asarray(actual[name]), np.asarray(reference[name]), rtol, min_cosine) for name in names]
-    return VerifyReport(str(artifact.path), artifact.target["name"], str(source), described, comparisons)
+    top1 = None if labels is None else top_one(names[0], np.asarray(actual[names[0]]), np.asarray(reference[names[0]]), load_labels(labels))
+    return VerifyReport(str(artifact.path), artifact.target["name"], str(source), described, comparisons, top1)
+
+
+def load_labels(labels: Any) -> np.ndarray:
+    if isinstance(labels, (str, Path)):
+        path = Path(labels)
+        if not path.is_file():
+            raise UserError(f"{path}: no such labels file")
+        try:
+            data = np.load(path, allow_pickle=False)
+            if isinstance(data, np.lib.npyio.NpzFile):
+                with data:
+                    if len(data.files) != 1:
+                        raise UserError(f"{path}: a labels .npz must hold one array, it holds {len(data.files)}")
+                    data = data[data.files[0]]
+        except (ValueError, OSError) as exc:
+            raise UserError(f"{path}: not a .npy/.npz of labels ({exc})") from None
+        labels = data
+    labels = np.asarray(labels)
+    if labels.dtype.kind not in "iu":
+        raise UserError(f"labels must be integers (class indices), got {labels.dtype}")
+    return labels.ravel()
+
+
+def top_one(name: str, actual: np.ndarray, reference: np.ndarray, labels: np.ndarray) -> TopOneReport:
+    predicted = actual.reshape(-1, actual.shape[-1]).argmax(axis=1)
+    expected = reference.reshape(-1, reference.shape[-1]).argmax(axis=1)
+    if len(labels) != len(predicted):
+        raise UserError(f"{len(labels)} labels for {len(predicted)} predictions of output {name!r}")
+    return TopOneReport(name, len(labels), float(np.mean(predicted == labels)), float(np.mean(expected == labels)),
+                        float(np.mean(predicted == expected)))
