@@ -261,10 +261,12 @@ def test_cli_quantize_int8_and_verify(digits: dict, tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------- pre-quantized ONNX (QDQ)
 
-@pytest.mark.parametrize("reduce_range", [False, True])
-def test_onnxruntime_qdq_model_runs_on_integer_kernels(digits: dict, tmp_path: Path, reduce_range: bool) -> None:
-    """A model quantized by onnxruntime.quantization.quantize_static (QDQ, per channel) compiles to
-    the integer kernels with the model's own scales, and matches onnxruntime on it."""
+@pytest.mark.parametrize("quant_format,reduce_range", [("QDQ", False), ("QDQ", True), ("QOperator", False)])
+def test_onnxruntime_quantized_model_runs_on_integer_kernels(digits: dict, tmp_path: Path, quant_format: str,
+                                                              reduce_range: bool) -> None:
+    """A model quantized by onnxruntime.quantization.quantize_static (QDQ, or QOperator with
+    QLinearConv and QGemm; per channel) compiles to the integer kernels with the model's own
+    scales, and matches onnxruntime on it."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 
     x_cal = np.load(digits["calibration"])["image"]
@@ -277,9 +279,10 @@ def test_onnxruntime_qdq_model_runs_on_integer_kernels(digits: dict, tmp_path: P
             return next(self.samples, None)
 
     qdq = tmp_path / "digits_qdq.onnx"
-    quantize_static(str(digits["model"]), str(qdq), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    reduce_range=reduce_range)
+    quantize_static(str(digits["model"]), str(qdq), Reader(), quant_format=getattr(QuantFormat, quant_format),
+                    per_channel=True, reduce_range=reduce_range)
     art = api.compile(qdq, "host", tmp_path / "qdq.host", progress=False)
+    assert art.manifest["import"]["qoperators_expanded"] == (5 if quant_format == "QOperator" else 0)
     quant = art.manifest["quantization"]
     assert quant["scheme"] == "qdq" and quant["layers_by_mode"] == {"int8": 5}
     assert quant["weights_bytes"] <= 0.26 * quant["weights_bytes_float"]
@@ -290,7 +293,8 @@ def test_onnxruntime_qdq_model_runs_on_integer_kernels(digits: dict, tmp_path: P
     reference.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # ONNX's QDQ semantics, op by op
     literal = ort.InferenceSession(str(qdq), reference).run(None, feed)[0]
     assert np.max(np.abs(actual - literal)) <= step * 1.001
-    if reduce_range:  # onnxruntime's fused x86 u8s8 kernels are exact only with 7-bit weights (int16 saturation otherwise)
+    if reduce_range or quant_format == "QOperator":
+        # onnxruntime's fused x86 u8s8 QDQ kernels are exact only with 7-bit weights (int16 saturation otherwise)
         optimized = ort.InferenceSession(str(qdq)).run(None, feed)[0]
         assert np.max(np.abs(actual - optimized)) <= step * 1.001
 

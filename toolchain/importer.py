@@ -362,6 +362,7 @@ def import_onnx(
     with progress.stage("load") as summary:
         model, sha256 = load_onnx(source, limits)
         opset = model_opset(model)
+        qoperators = expand_qoperators(model)
         check_supported_ops(model, allowed_ops)
         check_window_attributes(model)
         check_required_inputs(model)
@@ -386,8 +387,15 @@ def import_onnx(
         mod = _to_relax(model, inputs, opset)
         summary.update(bindings=_binding_count(mod))
     outputs = _output_specs(mod, [o.name for o in model.graph.output])
-    stats = {"onnx_nodes": nodes_in, "onnx_nodes_simplified": len(model.graph.node), "simplified": simplify_model and not warning}
+    stats = {"onnx_nodes": nodes_in, "onnx_nodes_simplified": len(model.graph.node), "simplified": simplify_model and not warning,
+             "qoperators_expanded": qoperators}
     return ImportedModel(mod, model, inputs, outputs, opset, sha256, stats)
+
+
+def expand_qoperators(model: onnx.ModelProto) -> int:
+    from .qoperators import expand_qoperators as expand
+
+    return expand(model)
 
 
 def _to_relax(model: onnx.ModelProto, inputs: list[TensorSpec], opset: int) -> Any:
