@@ -42,6 +42,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "int4": {"quantize": "int4-weight"},
     "int4-sym": {"quantize": "int4-weight", "weight_scheme": "symmetric"},
     "int4-g64": {"quantize": "int4-weight", "group_size": 64},
+    # GPTQ rounding, calibrated on examples.smollm2.CALIBRATION_PROMPTS (never the measured prompts)
+    "int4-gptq": {"quantize": "int4-weight", "calibration": "CALIBRATION_PROMPTS"},
 }
 ACCEPT_AGREEMENT = 0.90
 ACCEPT_WEIGHTS_RATIO = 0.15
@@ -109,8 +111,14 @@ def bench_variant(name: str, path: Path, out: Path, ids: np.ndarray, lengths: li
     """Compiles one variant, runs every prompt on it and compares with the reference."""
     import toolchain
 
+    from examples import smollm2
+
+    options = dict(VARIANTS[name])
+    if options.get("calibration") == "CALIBRATION_PROMPTS":
+        calibration_ids, _ = smollm2.tokenize(smollm2.CALIBRATION_PROMPTS, ids.shape[1])
+        options["calibration"] = [{"input_ids": calibration_ids[i:i + 1]} for i in range(len(calibration_ids))]
     start = time.perf_counter()
-    art = toolchain.compile(path, "host", out / f"smollm2_135m.{name}", progress=False, **VARIANTS[name])
+    art = toolchain.compile(path, "host", out / f"smollm2_135m.{name}", progress=False, **options)
     compile_s = time.perf_counter() - start
     log(f"{name}: compiled in {compile_s:.1f} s; running {ids.shape[0]} prompts")
     logits, run_ms = run_rows(lambda x: art.run({"input_ids": x})["logits"], ids)

@@ -56,6 +56,18 @@ PROMPTS = [
     "The human heart has four chambers: two atria at the top and two ventricles at the",
 ]
 
+#: Other real English prompts, for calibration (GPTQ); never used to measure.
+CALIBRATION_PROMPTS = [
+    "The library opens at nine in the morning and closes at six in the evening on weekdays, while on",
+    "Photosynthesis is the process by which green plants use sunlight, water and carbon dioxide to",
+    "After the long meeting, the manager thanked everyone and asked the team to send their reports",
+    "The recipe calls for two eggs, a cup of sugar, half a cup of butter and three cups of",
+    "In 1969, the Apollo 11 mission landed the first humans on the Moon, and Neil Armstrong",
+    "A good night's sleep helps the body recover, improves memory and makes it easier to",
+    "The river flows slowly through the valley, past old stone bridges and small farms, until it",
+    "To install the package, open a terminal, change to the project folder and run the command",
+]
+
 
 def models_dir() -> Path:
     """Where fetched weights are cached: $SOCC_MODELS_DIR, else ~/.cache/socc/models."""

@@ -1,9 +1,10 @@
-"""Calibration: run the float model on sample inputs and histogram chosen intermediate tensors.
+"""Calibration: run the float model on sample inputs and observe chosen intermediate tensors.
 
 The module's `main` is copied with its result replaced by the tapped tensors (each bound to an
 output var at the end of its dataflow block), compiled for the host CPU with TVM's default
-pipeline, and run once per sample. Each tapped tensor feeds a streaming `Histogram`, so memory
-holds one sample's tensors and a fixed number of bins per tap, however many samples there are.
+pipeline, and run once per sample. Each tapped tensor feeds an accumulator: a streaming
+`Histogram` (int8 activation ranges) or a `Gram` matrix (GPTQ), so memory holds one sample's
+tensors and a fixed-size state per tap, however many samples there are.
 """
 
 from __future__ import annotations
@@ -47,6 +48,20 @@ def tapped_main(func: Any, taps: Sequence[Any]) -> Any:
     return relax.Function(func.params, body, relax.TupleType([out.ty for out in outputs]), func.is_pure, func.attrs)
 
 
+class Gram:
+    """The running sum of x^T x over the rows of a tapped [..., K] tensor (GPTQ's Hessian), float64."""
+
+    def __init__(self) -> None:
+        self.matrix: np.ndarray | None = None
+        self.rows = 0
+
+    def update(self, values: np.ndarray) -> None:
+        rows = values.reshape(-1, values.shape[-1]).astype(np.float64)
+        product = rows.T @ rows
+        self.matrix = product if self.matrix is None else self.matrix + product
+        self.rows += rows.shape[0]
+
+
 def collect_histograms(
     mod: Any,
     taps: Sequence[Any],
@@ -54,6 +69,16 @@ def collect_histograms(
     bins: int = 2048,
 ) -> tuple[list[Histogram], int]:
     """Histograms of every tap over all samples, and the number of samples seen."""
+    return collect(mod, taps, samples, lambda: Histogram(bins))
+
+
+def collect(
+    mod: Any,
+    taps: Sequence[Any],
+    samples: Callable[[], Iterator[Mapping[str, np.ndarray]]],
+    accumulator: Callable[[], Any],
+) -> tuple[list[Any], int]:
+    """One `accumulator()` per tap, updated with the tap's value on every sample; and the sample count."""
     import tvm
     from tvm import relax
 
@@ -66,7 +91,7 @@ def collect_histograms(
     names = [str(p.name) for p in main.params[:num_input]]
     executable = tvm.compile(observed, target=tvm.target.Target({"kind": "llvm"}))
     vm = relax.VirtualMachine(executable, tvm.cpu())
-    histograms = [Histogram(bins) for _ in taps]
+    histograms = [accumulator() for _ in taps]
     count = 0
     for sample in samples():
         args = [tvm.runtime.tensor(np.ascontiguousarray(sample[name])) for name in names]

@@ -24,7 +24,9 @@ float; the stats list every candidate with its mode and, for float ones, the rea
 int4-weight (no calibration). Each `matmul(x, W[K, N])` with a constant weight becomes one TE
 kernel  y[.., n] = sum_k x[.., k] * (q[k, n] - z) * s[k // G, n]  where q is 4 bits packed two
 per byte along K, s is float16 per group of G (`group_size`) along K, and z is a per-group 4-bit
-zero point (asymmetric, the default) or 8 (`weight_scheme="symmetric"`). The dequantized weight is computed
+zero point (asymmetric, the default) or 8 (`weight_scheme="symmetric"`). Without calibration
+data the codes are rounded to nearest; with it (`calibration`), matmul weights are rounded by
+GPTQ (gptq.py) on the Gram matrices of their inputs over the samples. The dequantized weight is computed
 inside the reduction: float weights are never materialized. Embedding tables become int4 rows
 grouped the same way along the row, or int8 per row with `int8_embeddings`.
 """
@@ -68,6 +70,7 @@ class Layer:
     zero_point: int = 0
     quantized_input: Any = None  # a pre-quantized model's own 8-bit input tensor (QDQ form)
     levels: int = 127  # the largest weight code (a pre-quantized model's grid may use fewer)
+    int4: tuple[Any, ...] | None = None  # GPTQ's packed codes, scales, zero points (else rounded at rewrite)
 
     def to_json(self) -> dict[str, Any]:
         record: dict[str, Any] = {"name": self.name, "op_type": self.op_type, "mode": self.mode}
@@ -100,7 +103,7 @@ class Quantize(GraphPass):
             if options.get("max_accuracy_drop") is not None:
                 stats["sensitivity"] = _keep_sensitive_in_float(mod, layers, ctx, float(options["max_accuracy_drop"]))
         else:
-            stats.update(_plan_int4(layers, options))
+            stats.update(_plan_int4(mod, layers, ctx))
         return _rewrite(mod, layers, options, stats)
 
 
@@ -330,7 +333,8 @@ def _plan_int8(mod: Any, layers: list[Layer], ctx: CompileContext) -> dict[str, 
             "weight_scheme": "symmetric int8 per output channel"}
 
 
-def _plan_int4(layers: list[Layer], options: dict[str, Any]) -> dict[str, Any]:
+def _plan_int4(mod: Any, layers: list[Layer], ctx: CompileContext) -> dict[str, Any]:
+    options = ctx.options
     group = int(options.get("group_size") or 32)
     weight_scheme = options.get("weight_scheme") or DEFAULT_WEIGHT_SCHEME
     if group not in GROUP_SIZES:
@@ -355,8 +359,32 @@ def _plan_int4(layers: list[Layer], options: dict[str, Any]) -> dict[str, Any]:
             layer.mode = "int8-weight"
         else:
             layer.mode = "int4-weight"
-    return {"group_size": group, "weight_scheme": f"{weight_scheme} int4, float16 scales per {group} along the reduction",
-            "int8_embeddings": bool(options.get("int8_embeddings"))}
+    stats = {"group_size": group, "weight_scheme": f"{weight_scheme} int4, float16 scales per {group} along the reduction",
+             "int8_embeddings": bool(options.get("int8_embeddings")), "rounding": "nearest (range search + refit)"}
+    if ctx.calibration is not None:
+        stats.update(_gptq(mod, [layer for layer in layers if layer.mode == "int4-weight" and layer.op_type == "MatMul"],
+                           ctx, group, weight_scheme == "symmetric"))
+    return stats
+
+
+def _gptq(mod: Any, layers: list[Layer], ctx: CompileContext, group: int, symmetric: bool) -> dict[str, Any]:
+    """With calibration data, int4 matmul weights are rounded by GPTQ on the inputs' Gram matrices."""
+    from .calibrate import Gram, collect
+    from .gptq import gptq_int4
+
+    taps: list[Any] = []
+    tap_of: dict[int, int] = {}
+    for layer in layers:
+        x = layer.call.args[0]
+        if id_of(x) not in tap_of:
+            tap_of[id_of(x)] = len(taps)
+            taps.append(x)
+    grams, samples = collect(mod, taps, ctx.calibration, Gram)
+    for layer in layers:
+        gram = grams[tap_of[id_of(layer.call.args[0])]].matrix
+        codes, scales, zeros = gptq_int4(_const(layer.call.args[1]), gram, group, symmetric)
+        layer.int4 = pack_int4(codes, scales, zeros, symmetric)
+    return {"rounding": "gptq", "calibration_samples": samples}
 
 
 # --------------------------------------------------------------------------------- weight packing
@@ -379,19 +407,15 @@ INT4_RANGE_FACTORS = np.linspace(1.0, 0.6, 17)
 INT4_REFIT_ROUNDS = 4
 
 
-def quantize_int4_groups(weight: np.ndarray, group: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """4-bit groups of `group` along axis 0 of a 2-D [K, N] weight.
+def int4_group_params(w: np.ndarray, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Scale (float16) and zero point (float32 holding 0..15) of each group of w [groups, G, N].
 
-    Each group's scale is searched: its range shrunk by each of INT4_RANGE_FACTORS, the one with
-    the least squared error after rounding and clipping wins (outliers clip, the rest gain
-    resolution); then each scale is refit by least squares to its codes and the group re-rounded,
-    a few rounds, keeping what lowers the error. Symmetric codes are q - 8 in [-8, 7]; asymmetric ones q - z with a per-group
-    zero point z. Returns (packed uint8 [K/2, N]: row 2j in the low nibble, 2j+1 in the high
-    one; float16 scales [K/G, N]; zero points packed the same way along N, [K/G, ceil(N/2)], or None
-    when symmetric).
+    Each group's range is shrunk by each of INT4_RANGE_FACTORS and the one with the least squared
+    error after rounding and clipping wins (outliers clip, the rest gain resolution); then each
+    scale is refit by least squares to its codes and the group re-rounded, a few rounds, keeping
+    what lowers the error. Symmetric codes are q - 8 in [-8, 7]; asymmetric ones q - z.
     """
-    k, n = weight.shape
-    w = weight.astype(np.float32).reshape(k // group, group, n)
+    w = w.astype(np.float32)
     if symmetric:
         peak = np.max(np.abs(w), axis=1)
         base_scale, base_zero = peak / 7.5, np.full(peak.shape, 8.0, np.float32)
@@ -406,27 +430,49 @@ def quantize_int4_groups(weight: np.ndarray, group: int, symmetric: bool) -> tup
         scale = np.where(scale > 0, scale, np.float16(1.0))
         s32 = scale.astype(np.float32)
         zero = base_zero if symmetric else np.clip(np.rint(-lo * factor / s32), 0, 15)
-        q = np.clip(np.rint(w / s32[:, None, :]) + zero[:, None, :], 0, 15)
-        err = np.sum((w - (q - zero[:, None, :]) * s32[:, None, :]) ** 2, axis=1)
+        err = _group_error(w, s32, zero)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best_scale = np.where(better, scale, best_scale)
         best_zero = np.where(better, zero, best_zero)
     for _ in range(INT4_REFIT_ROUNDS):  # least-squares refit of each scale to its codes, then re-round
-        s32 = best_scale.astype(np.float32)
-        codes = np.clip(np.rint(w / s32[:, None, :]) + best_zero[:, None, :], 0, 15) - best_zero[:, None, :]
+        codes = _codes(w, best_scale.astype(np.float32), best_zero) - best_zero[:, None, :]
         energy = np.sum(codes * codes, axis=1)
-        fitted = np.where(energy > 0, np.sum(codes * w, axis=1) / np.maximum(energy, 1e-30), s32).astype(np.float16)
+        fitted = np.where(energy > 0, np.sum(codes * w, axis=1) / np.maximum(energy, 1e-30),
+                          best_scale.astype(np.float32)).astype(np.float16)
         scale = np.where(fitted > 0, fitted, best_scale)
-        s32 = scale.astype(np.float32)
-        q = np.clip(np.rint(w / s32[:, None, :]) + best_zero[:, None, :], 0, 15)
-        err = np.sum((w - (q - best_zero[:, None, :]) * s32[:, None, :]) ** 2, axis=1)
+        err = _group_error(w, scale.astype(np.float32), best_zero)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best_scale = np.where(better, scale, best_scale)
-    s32 = best_scale.astype(np.float32)
-    q = np.clip(np.rint(w / s32[:, None, :]) + best_zero[:, None, :], 0, 15).astype(np.uint8).reshape(k, n)
-    return pack_nibbles(q, axis=0), best_scale, None if symmetric else pack_nibbles(best_zero.astype(np.uint8), axis=1)
+    return best_scale, best_zero
+
+
+def _codes(w: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
+    """4-bit codes 0..15 of w [groups, G, N] for per-group scale and zero point [groups, N]."""
+    return np.clip(np.rint(w / scale[:, None, :]) + zero[:, None, :], 0, 15)
+
+
+def _group_error(w: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
+    return np.sum((w - (_codes(w, scale, zero) - zero[:, None, :]) * scale[:, None, :]) ** 2, axis=1)
+
+
+def quantize_int4_groups(weight: np.ndarray, group: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Round-to-nearest 4-bit groups of `group` along axis 0 of a 2-D [K, N] weight (int4_group_params).
+
+    Returns (packed uint8 [K/2, N]: row 2j in the low nibble, 2j+1 in the high one; float16 scales
+    [K/G, N]; zero points packed the same way along N, [K/G, ceil(N/2)], or None when symmetric).
+    """
+    k, n = weight.shape
+    w = weight.astype(np.float32).reshape(k // group, group, n)
+    scale, zero = int4_group_params(w, symmetric)
+    q = _codes(w, scale.astype(np.float32), zero).astype(np.uint8).reshape(k, n)
+    return pack_int4(q, scale, zero, symmetric)
+
+
+def pack_int4(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Codes [K, N] 0..15, scales and zero points [K/G, N] -> the kernel's packed arrays."""
+    return pack_nibbles(q, axis=0), scale, None if symmetric else pack_nibbles(zero.astype(np.uint8), axis=1)
 
 
 def pack_nibbles(values: np.ndarray, axis: int) -> np.ndarray:
@@ -568,7 +614,7 @@ class _Rewriter:
         if layer.mode == "int8-weight":
             return self.take_int8(call)
         if layer.op_type == "MatMul":
-            return self.matmul_int4(call, mutator)
+            return self.matmul_int4(layer, call, mutator)
         return self.take_int4(call, mutator)
 
     def conv_int8(self, layer: Layer, call: Any, mutator: Any) -> Any:
@@ -611,10 +657,10 @@ class _Rewriter:
         scales = op.take(relax.const(row_scale.reshape(-1, 1)), call.args[1], axis=0, mode=str(attrs.mode))
         return op.multiply(op.astype(rows, "float32"), scales)
 
-    def matmul_int4(self, call: Any, mutator: Any) -> Any:
+    def matmul_int4(self, layer: Layer, call: Any, mutator: Any) -> Any:
         from tvm import relax
 
-        packed, scales, zeros = quantize_int4_groups(_const(call.args[1]), self.group, self.symmetric4)
+        packed, scales, zeros = layer.int4 or quantize_int4_groups(_const(call.args[1]), self.group, self.symmetric4)
         extra = [] if zeros is None else [relax.const(zeros)]
         return mutator.builder_.call_te(_q4_matmul_te, call.args[0], relax.const(packed), relax.const(scales), *extra,
                                         group=self.group, primfunc_name_hint="q4_matmul")

@@ -159,14 +159,22 @@ def test_minilm_int8_sentence_embeddings(minilm: Path, minilm_float: dict, tmp_p
     assert quant["weights_bytes"] <= 0.26 * quant["weights_bytes_float"]
 
 
-def test_minilm_int4_weight_sentence_embeddings(minilm: Path, minilm_float: dict, tmp_path: Path) -> None:
-    art = api.compile(minilm, "host", tmp_path / "minilm.int4", quantize="int4-weight", progress=False)
+@pytest.mark.parametrize("rounding", ["nearest", "gptq"])
+def test_minilm_int4_weight_sentence_embeddings(minilm: Path, minilm_float: dict, tmp_path: Path, rounding: str) -> None:
+    from examples.models import minilm_tokenize
+
+    calibration = [minilm_tokenize([s], SEQ) for s in CALIBRATION_SENTENCES] if rounding == "gptq" else None
+    art = api.compile(minilm, "host", tmp_path / "minilm.int4", quantize="int4-weight", calibration=calibration, progress=False)
     out = art.run(minilm_float["feed"])
     cos = _cosines(out["sentence_embedding"], minilm_float["reference"]["sentence_embedding"])
-    assert cos.mean() >= 0.97 and cos.min() >= 0.965, cos
+    if rounding == "gptq":  # measured: min 0.9721, mean 0.9777
+        assert cos.min() >= 0.97, cos
+    else:  # measured: min 0.9697, mean 0.9735: the goal holds on average, not for every sentence
+        assert cos.mean() >= 0.97 and cos.min() >= 0.965, cos
     quant = art.manifest["quantization"]
     assert quant["layers_by_mode"] == {"float": 12, "int4-weight": 39}  # 36 matmuls + 3 embedding tables
     assert quant["weights_bytes"] <= 0.15 * quant["weights_bytes_float"]
+    assert quant["rounding"] == ("gptq" if rounding == "gptq" else "nearest (range search + refit)")
     report = api.verify(art, model=minilm, inputs=minilm_float["feed"])
     assert report.ok and all(o.criterion == "cosine" for o in report.outputs if o.dtype == "float32")
     assert not api.verify(art, model=minilm, inputs=minilm_float["feed"], min_cosine=0.9999).ok
@@ -318,3 +326,30 @@ def test_max_accuracy_drop_keeps_the_most_sensitive_layers_in_float(digits: dict
     kept = [layer["name"] for layer in tight["kept_float"]]
     assert set(kept) == set(by_sensitivity[:len(kept)])  # the lowest-SQNR layers went back to float first
     assert all("--max-accuracy-drop" in layer["reason"] for layer in tight["kept_float"])
+
+
+def test_gptq_lowers_the_output_error_of_int4_rounding() -> None:
+    """On correlated inputs (as real activations are), GPTQ's codes give a smaller error of x @ W
+    than round-to-nearest with the same group scales search, in the same packed format."""
+    from toolchain.passes.gptq import gptq_int4
+
+    rng = np.random.default_rng(4)
+    mixing = rng.standard_normal((128, 128)) * np.linspace(0.1, 2.0, 128)
+    x = rng.standard_normal((2048, 128)) @ mixing  # correlated features of unequal scale
+    weight = rng.standard_normal((128, 64)).astype(np.float32)
+
+    def restore(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray) -> np.ndarray:
+        q = np.empty((128, 64), np.float64)
+        q[0::2], q[1::2] = packed & 15, packed >> 4
+        z = np.empty((4, 64))
+        z[:, 0::2], z[:, 1::2] = zeros & 15, zeros >> 4
+        return (q.reshape(4, 32, 64) - z[:, None]) * scales.astype(np.float64)[:, None]
+
+    rtn = restore(*quantize_int4_groups(weight, 32, symmetric=False)).reshape(128, 64)
+    codes, scales, zero_points = gptq_int4(weight, x.T @ x, 32, symmetric=False)
+    assert codes.max() <= 15 and scales.dtype == np.float16
+    gptq = restore(pack_nibbles(codes, axis=0), scales, pack_nibbles(zero_points.astype(np.uint8), axis=1)).reshape(128, 64)
+    reference = x @ weight
+    rtn_error = np.mean((x @ rtn - reference) ** 2)
+    gptq_error = np.mean((x @ gptq - reference) ** 2)
+    assert gptq_error < 0.85 * rtn_error, (gptq_error, rtn_error)  # measured: 106 vs 136
