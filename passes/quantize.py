@@ -291,6 +291,18 @@ def _weight_reason(layer: Layer) -> str:
     return ""
 
 
+def _distinct_inputs(layers: list[Layer]) -> tuple[list[Any], dict[int, int]]:
+    """The layers' input tensors, each once (Q, K and V share one), and each tensor's index."""
+    taps: list[Any] = []
+    index: dict[int, int] = {}
+    for layer in layers:
+        x = layer.call.args[0]
+        if id_of(x) not in index:
+            index[id_of(x)] = len(taps)
+            taps.append(x)
+    return taps, index
+
+
 def _plan_int8(mod: Any, layers: list[Layer], ctx: CompileContext) -> dict[str, Any]:
     from .calibrate import collect_histograms
     from .observers import DEFAULT_OBSERVER, OBSERVERS, qparams
@@ -302,8 +314,6 @@ def _plan_int8(mod: Any, layers: list[Layer], ctx: CompileContext) -> dict[str, 
         raise PassInputError(f"unknown calibration method {method!r}; known: {', '.join(OBSERVERS)}")
     if act_dtype not in ACTIVATION_DTYPES:
         raise PassInputError(f"activation dtype must be one of {', '.join(ACTIVATION_DTYPES)}, not {act_dtype!r}")
-    taps: list[Any] = []
-    tap_of: dict[int, int] = {}
     for layer in layers:
         if layer.mode == "float":
             continue
@@ -312,15 +322,9 @@ def _plan_int8(mod: Any, layers: list[Layer], ctx: CompileContext) -> dict[str, 
             reason = f"input dtype is {_dtype(layer.call.args[0])}"
         if reason:
             layer.mode, layer.reason = "float", reason
-            continue
-        if layer.op_type == "Gather":
-            layer.mode = "int8-weight"
-            continue
-        layer.mode = "int8"
-        x = layer.call.args[0]
-        if id_of(x) not in tap_of:
-            tap_of[id_of(x)] = len(taps)
-            taps.append(x)
+        else:
+            layer.mode = "int8-weight" if layer.op_type == "Gather" else "int8"
+    taps, tap_of = _distinct_inputs([layer for layer in layers if layer.mode == "int8"])
     if taps and ctx.calibration is None:
         raise PassInputError("int8 quantization needs calibration data (--calibration PATH, or calibration= in the API)")
     histograms, samples = collect_histograms(mod, taps, ctx.calibration) if taps else ([], 0)
@@ -372,13 +376,7 @@ def _gptq(mod: Any, layers: list[Layer], ctx: CompileContext, group: int, symmet
     from .calibrate import Gram, collect
     from .gptq import gptq_int4
 
-    taps: list[Any] = []
-    tap_of: dict[int, int] = {}
-    for layer in layers:
-        x = layer.call.args[0]
-        if id_of(x) not in tap_of:
-            tap_of[id_of(x)] = len(taps)
-            taps.append(x)
+    taps, tap_of = _distinct_inputs(layers)
     grams, samples = collect(mod, taps, ctx.calibration, Gram)
     for layer in layers:
         gram = grams[tap_of[id_of(layer.call.args[0])]].matrix
