@@ -23,6 +23,8 @@ class CompileContext:
     calibration: Callable[[], Iterator[Mapping[str, Any]]] | None = None
     # The source model's node names per ONNX op type, in graph order (names quantized layers).
     source_nodes: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    # A pre-quantized model's 4-bit matmul codes by the SHA-256 of the dequantized float weight.
+    int4_weights: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 class PassInputError(ValueError):

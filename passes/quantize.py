@@ -70,7 +70,8 @@ class Layer:
     zero_point: int = 0
     quantized_input: Any = None  # a pre-quantized model's own 8-bit input tensor (QDQ form)
     levels: int = 127  # the largest weight code (a pre-quantized model's grid may use fewer)
-    int4: tuple[Any, ...] | None = None  # GPTQ's packed codes, scales, zero points (else rounded at rewrite)
+    int4: tuple[Any, ...] | None = None  # GPTQ's or the model's packed codes, scales, zero points
+    group: int = 0  # the int4 group length when it is the model's own (MatMulNBits block_size)
 
     def to_json(self) -> dict[str, Any]:
         record: dict[str, Any] = {"name": self.name, "op_type": self.op_type, "mode": self.mode}
@@ -159,6 +160,8 @@ def _prequantized(mod: Any, ctx: CompileContext) -> tuple[Any, dict[str, Any]]:
     bound = relax.analysis.get_var2val(main)
     layers = find_layers(main, ctx.source_nodes)
     for layer in layers:
+        if layer.op_type == "MatMul" and ctx.int4_weights and _from_matmul_nbits(layer, ctx.int4_weights):
+            continue
         source = _dequantized_input(layer, bound)
         reason = _weight_reason(layer) if source is not None and layer.op_type != "Gather" else "input is not dequantized"
         levels = None if reason else _int8_grid(_const(layer.call.args[1]), axis=0 if layer.op_type == "Conv" else 1)
@@ -169,12 +172,25 @@ def _prequantized(mod: Any, ctx: CompileContext) -> tuple[Any, dict[str, Any]]:
         else:
             layer.mode, layer.quantized_input, layer.levels = "int8", source[0], levels
             layer.scale, layer.zero_point = source[1], source[2]
-    if not any(layer.mode == "int8" for layer in layers):
+    if not any(layer.mode in ("int8", "int4-weight") for layer in layers):
         return mod, {"scheme": "none"}
-    layers = [layer for layer in layers if layer.mode == "int8" or layer.op_type != "Gather"]
-    stats = {"scheme": "qdq", "weights_bytes_float": constant_bytes(mod),
-             "weight_scheme": "the model's own: symmetric int8 per output channel"}
+    layers = [layer for layer in layers if layer.mode != "float" or layer.op_type != "Gather"]
+    stats = {"scheme": "qdq" if any(layer.mode == "int8" for layer in layers) else "matmul-nbits",
+             "weights_bytes_float": constant_bytes(mod), "weight_scheme": "the model's own"}
     return _rewrite(mod, layers, ctx.options, stats)
+
+
+def _from_matmul_nbits(layer: Layer, table: Any) -> bool:
+    """A matmul whose constant weight is a MatMulNBits weight: it takes the model's own 4-bit codes."""
+    import hashlib
+
+    weight = _const(layer.call.args[1])
+    entry = None if weight is None else table.get(hashlib.sha256(np.ascontiguousarray(weight).tobytes()).hexdigest())
+    if entry is None:
+        return False
+    packed, scales, zeros, layer.group = entry
+    layer.int4, layer.mode = (packed, scales, zeros), "int4-weight"
+    return True
 
 
 def _dequantized_input(layer: Layer, bound: Any) -> tuple[Any, float, int] | None:
@@ -661,7 +677,7 @@ class _Rewriter:
         packed, scales, zeros = layer.int4 or quantize_int4_groups(_const(call.args[1]), self.group, self.symmetric4)
         extra = [] if zeros is None else [relax.const(zeros)]
         return mutator.builder_.call_te(_q4_matmul_te, call.args[0], relax.const(packed), relax.const(scales), *extra,
-                                        group=self.group, primfunc_name_hint="q4_matmul")
+                                        group=layer.group or self.group, primfunc_name_hint="q4_matmul")
 
     def take_int4(self, call: Any, mutator: Any) -> Any:
         from tvm import relax

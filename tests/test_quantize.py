@@ -353,3 +353,24 @@ def test_gptq_lowers_the_output_error_of_int4_rounding() -> None:
     rtn_error = np.mean((x @ rtn - reference) ** 2)
     gptq_error = np.mean((x @ gptq - reference) ** 2)
     assert gptq_error < 0.85 * rtn_error, (gptq_error, rtn_error)  # measured: 106 vs 136
+
+
+def test_onnxruntime_matmul_nbits_model_runs_on_the_int4_kernel(minilm: Path, minilm_float: dict, tmp_path: Path) -> None:
+    """MiniLM quantized by onnxruntime's MatMulNBitsQuantizer (4 bits, blocks of 32, zero points):
+    every MatMulNBits runs on socc's int4 kernel with the model's own codes, matching onnxruntime."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(onnx.load(minilm), block_size=32, is_symmetric=False)
+    quantizer.process()
+    nbits = tmp_path / "minilm_nbits.onnx"
+    quantizer.model.save_model_to_file(str(nbits), False)
+    art = api.compile(nbits, "host", tmp_path / "nbits.host", progress=False)
+    assert art.manifest["import"]["matmul_nbits_expanded"] == 36
+    quant = art.manifest["quantization"]
+    assert quant["scheme"] == "matmul-nbits" and quant["layers_by_mode"] == {"float": 12, "int4-weight": 36}
+    feed = minilm_float["feed"]
+    session = ort.InferenceSession(str(nbits))
+    reference = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
+    actual = art.run(feed)
+    for name, expected in reference.items():  # measured: 5.2e-7 and 1.2e-6
+        assert np.max(np.abs(actual[name] - expected)) <= 1e-5 * np.max(np.abs(expected)), name

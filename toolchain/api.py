@@ -165,7 +165,7 @@ def compile(  # noqa: A001 - the toolchain's verb
     if calibration is not None:
         samples = calibration_source(calibration, {spec.name: spec.shape for spec in imported.inputs})
     ctx = CompileContext(tvm_target, profile.name, profile.features, profile.vector_bits, options,
-                         calibration=samples, source_nodes=imported.nodes_by_op_type())
+                         calibration=samples, source_nodes=imported.nodes_by_op_type(), int4_weights=imported.int4_weights)
     mod, records = run_passes(imported.mod, selected, ctx, log)
     memory, timeline = memory_section(mod, records, max_memory)
     with log.stage("codegen"):

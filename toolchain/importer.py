@@ -61,6 +61,8 @@ class ImportedModel:
     opset: int
     source_sha256: str
     stats: dict[str, Any]
+    # MatMulNBits codes by the SHA-256 of the dequantized weight (see qoperators.expand_matmul_nbits)
+    int4_weights: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def nodes_by_op_type(self) -> dict[str, tuple[str, ...]]:
         """Node names per op type in graph order; MatMul and Gemm together (both import as matmul)."""
@@ -363,6 +365,7 @@ def import_onnx(
         model, sha256 = load_onnx(source, limits)
         opset = model_opset(model)
         qoperators = expand_qoperators(model)
+        int4_weights = expand_matmul_nbits(model)
         check_supported_ops(model, allowed_ops)
         check_window_attributes(model)
         check_required_inputs(model)
@@ -388,12 +391,18 @@ def import_onnx(
         summary.update(bindings=_binding_count(mod))
     outputs = _output_specs(mod, [o.name for o in model.graph.output])
     stats = {"onnx_nodes": nodes_in, "onnx_nodes_simplified": len(model.graph.node), "simplified": simplify_model and not warning,
-             "qoperators_expanded": qoperators}
-    return ImportedModel(mod, model, inputs, outputs, opset, sha256, stats)
+             "qoperators_expanded": qoperators, "matmul_nbits_expanded": len(int4_weights)}
+    return ImportedModel(mod, model, inputs, outputs, opset, sha256, stats, int4_weights)
 
 
 def expand_qoperators(model: onnx.ModelProto) -> int:
     from .qoperators import expand_qoperators as expand
+
+    return expand(model)
+
+
+def expand_matmul_nbits(model: onnx.ModelProto) -> dict[str, Any]:
+    from .qoperators import expand_matmul_nbits as expand
 
     return expand(model)
 

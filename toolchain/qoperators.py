@@ -1,10 +1,12 @@
-"""Pre-quantized ONNX in operator form, rewritten to the QDQ form TVM's importer reads.
+"""Pre-quantized ONNX in operator form, rewritten to forms TVM's importer reads.
 
 onnxruntime's `quantize_static(..., quant_format=QOperator)` writes QLinearConv, QLinearMatMul and
 QGemm (com.microsoft). Each becomes DequantizeLinear(input) -> Conv / MatMul / Gemm with its weight
 and bias as float initializers ((q - zero_point) * scale, exact in float64 then float32) ->
 QuantizeLinear(output). The `quantize` pass then finds these layers like any QDQ model's and runs
 them on its integer kernels with the model's own scales (the weights lie on their int8 grid).
+MatMulNBits (4-bit blockwise) becomes a MatMul with the exactly dequantized weight, and its codes
+go to the `quantize` pass by the hash of that weight (see `expand_matmul_nbits`).
 """
 
 from __future__ import annotations
@@ -88,3 +90,62 @@ def _expand(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto], graph:
         nodes.append(helper.make_node("QuantizeLinear", [op_out, y_scale, y_zero] if y_zero else [op_out, y_scale], [out],
                                       name=f"{prefix}_quantize"))
     return nodes
+
+
+def expand_matmul_nbits(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None, int]]:
+    """Rewrites com.microsoft MatMulNBits (4 bits, blockwise; onnxruntime's MatMulNBitsQuantizer)
+    to MatMul with the exactly dequantized float weight, in place.
+
+    Returns, by the SHA-256 of that float weight's bytes, the model's own codes in the layout of
+    socc's int4 kernel: (packed [K/2, N], scales [K/G, N], zero points packed along N or None, G).
+    The `quantize` pass finds the weight again by its bytes and runs the kernel on these codes.
+    """
+    import hashlib
+
+    from .passes.quantize import pack_nibbles
+
+    graph = model.graph
+    if not any(node.op_type == "MatMulNBits" for node in graph.node):
+        return {}
+    constants = {t.name: t for t in graph.initializer}
+    table: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None, int]] = {}
+    nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if node.op_type != "MatMulNBits":
+            nodes.append(node)
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        k, n, block = int(attrs["K"]), int(attrs["N"]), int(attrs["block_size"])
+        inputs = list(node.input) + [""] * (6 - len(node.input))
+        where = f"MatMulNBits node {node.name or node.output[0]!r}"
+        if int(attrs.get("bits", 4)) != 4 or k % block or inputs[4]:
+            raise UserError(f"{where}: only 4 bits, K a multiple of block_size and no g_idx are supported")
+        blocks = k // block
+        packed_rows = _value(inputs[1], constants, node).reshape(n, k // 2)
+        codes = np.empty((n, k), np.uint8)
+        codes[:, 0::2], codes[:, 1::2] = packed_rows & 15, packed_rows >> 4
+        scales = _value(inputs[2], constants, node).reshape(n, blocks).astype(np.float32)
+        if inputs[3]:
+            zero_bytes = _value(inputs[3], constants, node).reshape(n, -1)
+            zeros = np.empty((n, zero_bytes.shape[1] * 2), np.uint8)
+            zeros[:, 0::2], zeros[:, 1::2] = zero_bytes & 15, zero_bytes >> 4
+            zeros = zeros[:, :blocks]
+        else:
+            zeros = None
+        zero = zeros.astype(np.float32)[:, :, None] if zeros is not None else np.float32(8.0)
+        weight = ((codes.reshape(n, blocks, block).astype(np.float32) - zero) * scales[:, :, None]).reshape(n, k).T
+        weight = np.ascontiguousarray(weight, dtype=np.float32)  # what the kernel computes, in float32
+        name = f"{node.name or node.output[0]}_socc_weight"
+        graph.initializer.append(numpy_helper.from_array(weight, name))
+        table[hashlib.sha256(weight.tobytes()).hexdigest()] = (
+            pack_nibbles(np.ascontiguousarray(codes.T), axis=0), np.ascontiguousarray(scales.T),
+            None if zeros is None else pack_nibbles(np.ascontiguousarray(zeros.T), axis=1), block)
+        if inputs[5]:
+            matmul_out = f"{node.output[0]}_socc_matmul"
+            nodes.append(helper.make_node("MatMul", [inputs[0], name], [matmul_out], name=node.name))
+            nodes.append(helper.make_node("Add", [matmul_out, inputs[5]], [node.output[0]], name=f"{node.name}_bias"))
+        else:
+            nodes.append(helper.make_node("MatMul", [inputs[0], name], [node.output[0]], name=node.name))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return table
