@@ -319,17 +319,20 @@ def _distinct_inputs(layers: list[Layer]) -> tuple[list[Any], dict[int, int]]:
     return taps, index
 
 
+def _option(options: dict[str, Any], name: str, default: Any, allowed: tuple[Any, ...], what: str) -> Any:
+    """A user option, its default when unset; a value outside `allowed` is a one-line error."""
+    value = options.get(name) or default
+    if value not in allowed:
+        raise PassInputError(f"{what} must be one of {', '.join(map(str, allowed))}, not {value!r}")
+    return value
+
+
 def _plan_int8(mod: Any, layers: list[Layer], ctx: CompileContext) -> dict[str, Any]:
     from .calibrate import collect_histograms
     from .observers import DEFAULT_OBSERVER, OBSERVERS, qparams
 
-    options = ctx.options
-    method = options.get("calibrate_method") or DEFAULT_OBSERVER
-    act_dtype = options.get("activation_dtype") or "uint8"
-    if method not in OBSERVERS:
-        raise PassInputError(f"unknown calibration method {method!r}; known: {', '.join(OBSERVERS)}")
-    if act_dtype not in ACTIVATION_DTYPES:
-        raise PassInputError(f"activation dtype must be one of {', '.join(ACTIVATION_DTYPES)}, not {act_dtype!r}")
+    method = _option(ctx.options, "calibrate_method", DEFAULT_OBSERVER, tuple(OBSERVERS), "calibration method")
+    act_dtype = _option(ctx.options, "activation_dtype", "uint8", ACTIVATION_DTYPES, "activation dtype")
     for layer in layers:
         if layer.mode == "float":
             continue
@@ -355,12 +358,8 @@ def _plan_int8(mod: Any, layers: list[Layer], ctx: CompileContext) -> dict[str, 
 
 def _plan_int4(mod: Any, layers: list[Layer], ctx: CompileContext) -> dict[str, Any]:
     options = ctx.options
-    group = int(options.get("group_size") or 32)
-    weight_scheme = options.get("weight_scheme") or DEFAULT_WEIGHT_SCHEME
-    if group not in GROUP_SIZES:
-        raise PassInputError(f"group size must be one of {', '.join(map(str, GROUP_SIZES))}, not {group}")
-    if weight_scheme not in WEIGHT_SCHEMES:
-        raise PassInputError(f"weight scheme must be symmetric or asymmetric, not {weight_scheme!r}")
+    group = int(_option(options, "group_size", 32, GROUP_SIZES, "group size"))
+    weight_scheme = _option(options, "weight_scheme", DEFAULT_WEIGHT_SCHEME, WEIGHT_SCHEMES, "weight scheme")
     for layer in layers:
         if layer.mode == "float":
             continue
