@@ -240,23 +240,17 @@ def find_layers(main: Any, source_nodes: Any) -> list[Layer]:
             value = binding.value
             if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and value.op.name in SOURCE_OPS:
                 found.append((value.op.name, value))
+    totals = Counter(op_name for op_name, _ in found)
+    seen: Counter[str] = Counter()
     layers = []
-    for op_name, calls in _group(found).items():
-        op_type = SOURCE_OPS[op_name][0]
-        names = list(source_nodes.get(op_type, ()))
-        if len(names) != len(calls):  # the importer added or folded some: number them instead
-            names = [f"{op_type}#{i}" for i in range(len(calls))]
-        layers += [Layer(name, op_type, call) for name, call in zip(names, calls)]
-    order = {id_of(call): i for i, (_, call) in enumerate(found)}
-    layers.sort(key=lambda layer: order[id_of(layer.call)])
-    return layers
-
-
-def _group(found: Sequence[tuple[str, Any]]) -> dict[str, list[Any]]:
-    groups: dict[str, list[Any]] = {}
     for op_name, call in found:
-        groups.setdefault(op_name, []).append(call)
-    return groups
+        op_type = SOURCE_OPS[op_name][0]
+        names = source_nodes.get(op_type, ())
+        i = seen[op_name]
+        seen[op_name] += 1
+        # when the importer added or folded some, the source names no longer line up: number them
+        layers.append(Layer(names[i] if len(names) == totals[op_name] else f"{op_type}#{i}", op_type, call))
+    return layers
 
 
 def _apply_exclusions(layers: list[Layer], op_types: Sequence[str], node_names: Sequence[str]) -> None:
@@ -496,7 +490,7 @@ def pack_nibbles(values: np.ndarray, axis: int) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(values[0::2] | (values[1::2] << 4), 0, axis))
 
 
-def _unpack_nibbles(packed: np.ndarray, axis: int, length: int) -> np.ndarray:
+def unpack_nibbles(packed: np.ndarray, axis: int, length: int) -> np.ndarray:
     """The inverse of pack_nibbles: `length` 4-bit values along `axis`."""
     packed = np.moveaxis(packed, axis, 0)
     values = np.empty((packed.shape[0] * 2, *packed.shape[1:]), np.uint8)
@@ -684,7 +678,7 @@ class _Rewriter:
         # rows of the table are the groups' home: quantize the transposed view so groups run along a row
         packed_t, scales_t, zeros_t = quantize_int4_groups(_const(call.args[0]).T, self.group, self.symmetric4)
         # zero points come packed along the table's rows (axis 1 of the transposed view): repack along groups
-        extra = [] if zeros_t is None else [relax.const(pack_nibbles(_unpack_nibbles(zeros_t, axis=1, length=scales_t.shape[1]).T, axis=1))]
+        extra = [] if zeros_t is None else [relax.const(pack_nibbles(unpack_nibbles(zeros_t, axis=1, length=scales_t.shape[1]).T, axis=1))]
         return mutator.builder_.call_te(_q4_take_te, call.args[1], relax.const(np.ascontiguousarray(packed_t.T)),
                                         relax.const(np.ascontiguousarray(scales_t.T)), *extra,
                                         group=self.group, primfunc_name_hint="q4_take")

@@ -102,7 +102,7 @@ def expand_matmul_nbits(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, n
     """
     import hashlib
 
-    from .passes.quantize import pack_nibbles
+    from .passes.quantize import pack_nibbles, unpack_nibbles
 
     graph = model.graph
     if not any(node.op_type == "MatMulNBits" for node in graph.node):
@@ -121,17 +121,9 @@ def expand_matmul_nbits(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, n
         if int(attrs.get("bits", 4)) != 4 or k % block or inputs[4]:
             raise UserError(f"{where}: only 4 bits, K a multiple of block_size and no g_idx are supported")
         blocks = k // block
-        packed_rows = _value(inputs[1], constants, node).reshape(n, k // 2)
-        codes = np.empty((n, k), np.uint8)
-        codes[:, 0::2], codes[:, 1::2] = packed_rows & 15, packed_rows >> 4
+        codes = unpack_nibbles(_value(inputs[1], constants, node).reshape(n, k // 2), axis=1, length=k)
         scales = _value(inputs[2], constants, node).reshape(n, blocks).astype(np.float32)
-        if inputs[3]:
-            zero_bytes = _value(inputs[3], constants, node).reshape(n, -1)
-            zeros = np.empty((n, zero_bytes.shape[1] * 2), np.uint8)
-            zeros[:, 0::2], zeros[:, 1::2] = zero_bytes & 15, zero_bytes >> 4
-            zeros = zeros[:, :blocks]
-        else:
-            zeros = None
+        zeros = unpack_nibbles(_value(inputs[3], constants, node).reshape(n, -1), axis=1, length=blocks) if inputs[3] else None
         zero = zeros.astype(np.float32)[:, :, None] if zeros is not None else np.float32(8.0)
         weight = ((codes.reshape(n, blocks, block).astype(np.float32) - zero) * scales[:, :, None]).reshape(n, k).T
         weight = np.ascontiguousarray(weight, dtype=np.float32)  # what the kernel computes, in float32
