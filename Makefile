@@ -2,7 +2,7 @@
 VENV      ?= .venv
 PY        := $(VENV)/bin/python
 SOCC      := $(VENV)/bin/socc
-APT_PKGS  := gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user lld
+APT_PKGS  := gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user lld clang
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 OUT       ?= out
 

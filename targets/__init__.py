@@ -36,6 +36,14 @@ class TargetProfile:
     android_triple: str = ""
     supported_ops: tuple[str, ...] = ()  # empty: every op the ONNX importer converts
     default_passes: tuple[str, ...] = ()  # empty: the pipeline's standard list
+    # LLVM features switched off (e.g. HVX floating point, which qemu-hexagon cannot execute).
+    disabled_features: tuple[str, ...] = ()
+    # "tvm": the artifact runs on the TVM runtime (model.so + run_model). "static": no TVM runtime
+    # on the unit here, so socc also writes a static program (generated C driver + C runtime) that
+    # calls the kernels directly; `cc` compiles C for the unit, `ld` links objects.
+    runtime: str = "tvm"
+    cc: tuple[str, ...] = ()
+    ld: tuple[str, ...] = ()
 
     @property
     def is_host(self) -> bool:
@@ -43,7 +51,8 @@ class TargetProfile:
 
     @property
     def llvm_mattr(self) -> list[str]:
-        return ["+" + _LLVM_FEATURE_NAMES.get(f, f) for f in self.features]
+        enabled = ["+" + _LLVM_FEATURE_NAMES.get(f, f) for f in self.features]
+        return enabled + ["-" + _LLVM_FEATURE_NAMES.get(f, f) for f in self.disabled_features]
 
     def tvm_target_json(self) -> dict[str, Any]:
         """The TVM target as the JSON dict TVM 0.27 takes."""
@@ -54,7 +63,7 @@ class TargetProfile:
         target: dict[str, Any] = {"kind": "llvm", "mtriple": self.triple}
         if self.cpu and self.cpu != "generic":
             target["mcpu"] = self.cpu
-        if self.features:
+        if self.features or self.disabled_features:
             target["mattr"] = self.llvm_mattr
         return target
 
@@ -70,6 +79,10 @@ class TargetProfile:
             raise UserError("--abi android needs --cc PATH (the NDK's clang++ for aarch64, e.g. aarch64-linux-android33-clang++)")
         # An Android build cannot be run under qemu-user with a glibc sysroot.
         return dataclasses.replace(self, triple=self.android_triple, cxx=(cc,), emulator=())
+
+    @property
+    def is_static(self) -> bool:
+        return self.runtime == "static"
 
     def summary(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -93,9 +106,11 @@ def _resolve(raw: dict[str, Any], source: str, seen: tuple[str, ...] = ()) -> Ta
     unknown = sorted(set(data) - fields)
     if unknown:
         raise UserError(f"target profile {source}: unknown keys {', '.join(unknown)}")
-    for key in ("features", "cxx", "emulator", "supported_ops", "default_passes"):
+    for key in ("features", "cxx", "emulator", "supported_ops", "default_passes", "disabled_features", "cc", "ld"):
         data[key] = tuple(data.get(key, ()))
     data.setdefault("family", data.get("name", source))
+    if data.get("runtime", "tvm") not in ("tvm", "static"):
+        raise UserError(f"target profile {source}: runtime must be 'tvm' or 'static', not {data['runtime']!r}")
     try:
         return TargetProfile(**data)
     except TypeError as exc:

@@ -157,6 +157,11 @@ def compile(  # noqa: A001 - the toolchain's verb
         progress=log,
     )
 
+    if profile.is_static:
+        dynamic = [f"{spec.name}[{axis}]={dim}" for spec in imported.inputs for axis, dim in enumerate(spec.shape) if not isinstance(dim, int)]
+        if dynamic:
+            raise UserError(f"target {profile.name} builds a static program: fix the dynamic dims {', '.join(dynamic)} with --shape NAME=D1,D2")
+
     import tvm
 
     target_json = profile.tvm_target_json()
@@ -166,7 +171,18 @@ def compile(  # noqa: A001 - the toolchain's verb
         samples = calibration_source(calibration, {spec.name: spec.shape for spec in imported.inputs})
     ctx = CompileContext(tvm_target, profile.name, profile.features, profile.vector_bits, options,
                          calibration=samples, source_nodes=imported.nodes_by_op_type(), int4_weights=imported.int4_weights)
-    mod, records = run_passes(imported.mod, selected, ctx, log)
+    if profile.is_static:  # the static driver reads main after the memory plan, before VM lowering
+        from .freestanding import generate_driver
+
+        before_vm = [p for p in selected if p.name != "lower-vm"]
+        mod, records = run_passes(imported.mod, before_vm, ctx, log)
+        with log.stage("driver") as summary:
+            driver, _ = generate_driver(mod)
+            summary.update(kernel_calls=driver.kernel_calls)
+        mod, vm_records = run_passes(mod, [p for p in selected if p.name == "lower-vm"], ctx, log)
+        records += vm_records
+    else:
+        mod, records = run_passes(imported.mod, selected, ctx, log)
     memory, timeline = memory_section(mod, records, max_memory)
     with log.stage("codegen"):
         executable = codegen(mod, tvm_target)
@@ -175,7 +191,9 @@ def compile(  # noqa: A001 - the toolchain's verb
     try:
         with log.stage("package") as summary:
             export_model(executable, profile, staged / MODEL_LIB)
-            if not profile.is_host:
+            if profile.is_static:
+                _add_static_program(staged, executable, driver, profile)
+            elif not profile.is_host:
                 _add_device_runtime(staged, profile, log)
             manifest = {
                 "schema_version": SCHEMA_VERSION,
@@ -220,6 +238,19 @@ def _add_device_runtime(folder: Path, profile: TargetProfile, log: Progress) -> 
     source = Path(crossrt.__file__).parent / "runtime_src" / "run_model.cc"
     shutil.copyfile(source, folder / "run_model.cc")
     crossrt.build_runner(runtime_dir, profile.cxx, folder / RUNNER)
+
+
+def _add_static_program(folder: Path, executable: Any, driver: Any, profile: TargetProfile) -> None:
+    """The static program for the emulator: generated driver, weights, C runtime, linked with the kernels."""
+    import tempfile
+
+    from .build import write_kernels_object
+    from .freestanding import build_static_program
+
+    with tempfile.TemporaryDirectory(prefix="socc-objects-") as tmp:
+        kernels = Path(tmp) / "kernels.o"
+        write_kernels_object(executable, kernels)
+        build_static_program(driver, kernels, folder, profile.cc, profile.ld, folder / RUNNER)
 
 
 def _versions() -> dict[str, str]:

@@ -288,6 +288,8 @@ class Artifact:
         runner = self.path / RUNNER
         if not runner.is_file():
             raise ArtifactError(f"{self.path}: no {RUNNER} in the artifact")
+        if self.target.get("runtime") == "static":
+            return self._run_static(emulator, runner, arrays), ""
         with tempfile.TemporaryDirectory(prefix="socc-run-") as tmp:
             tmp_path = Path(tmp)
             in_files = []
@@ -305,6 +307,21 @@ class Artifact:
                 raise ArtifactError(f"{RUNNER} under {emulator[0]} failed: {last}")
             outputs = sorted(out_dir.glob("out_*.npy"), key=lambda p: int(p.stem.split("_")[1]))
             return [load_npy(p) for p in outputs], proc.stdout
+
+
+    def _run_static(self, emulator: Sequence[str], program: Path, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """The static program takes raw tensors: input files, then output files, in manifest order."""
+        with tempfile.TemporaryDirectory(prefix="socc-run-") as tmp:
+            tmp_path = Path(tmp)
+            in_files = [tmp_path / f"in_{i}.bin" for i in range(len(arrays))]
+            for file, array in zip(in_files, arrays):
+                file.write_bytes(array.tobytes())
+            out_files = [tmp_path / f"out_{i}.bin" for i in range(len(self.outputs))]
+            proc = subprocess.run([*emulator, str(program), *map(str, in_files + out_files)], capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                last = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+                raise ArtifactError(f"{RUNNER} under {emulator[0]} failed: {last}")
+            return [np.fromfile(f, dtype=spec["dtype"]).reshape(spec["shape"]) for f, spec in zip(out_files, self.outputs)]
 
 
 def _flatten(value: Any) -> list[np.ndarray]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +15,13 @@ def check_toolchain(profile: TargetProfile) -> None:
     """Refuse early, in one line, when the profile's compiler is not installed."""
     if profile.is_host:
         return
-    if not profile.cxx or shutil.which(profile.cxx[0]) is None:
-        raise UserError(
-            f"target {profile.name}: compiler {profile.cxx[0] if profile.cxx else '(none)'} not found; "
-            "`make install` installs the Debian cross toolchain (g++-aarch64-linux-gnu)"
-        )
+    tools = [profile.cc, profile.ld] if profile.is_static else [profile.cxx]
+    for command in tools:
+        if not command or shutil.which(command[0]) is None:
+            raise UserError(
+                f"target {profile.name}: compiler {command[0] if command else '(none)'} not found; "
+                "`make install` installs the Debian cross toolchains (g++-aarch64-linux-gnu, clang, lld)"
+            )
 
 
 def codegen(mod: Any, target: Any) -> Any:
@@ -39,9 +42,31 @@ def export_model(executable: Any, profile: TargetProfile, path: Path) -> None:
     try:
         if profile.is_host:
             executable.export_library(str(path))
+        elif profile.ld:
+            executable.export_library(str(path), fcompile=_linker(profile.ld))
         else:
             fcompile = cc.cross_compiler(profile.cxx[0], options=list(profile.cxx[1:]))
             executable.export_library(str(path), fcompile=fcompile)
     except Exception as exc:  # noqa: BLE001
         lines = str(exc).strip().splitlines()
         raise BuildError(f"linking model.so for {profile.name} failed: {lines[-1] if lines else exc}") from exc
+
+
+def _linker(ld: tuple[str, ...]) -> Any:
+    """An `fcompile` for export_library that links TVM's objects into a shared object with `ld` alone."""
+
+    def link(output: str, objects: list[str], options: Any = None) -> None:
+        done = subprocess.run([*ld, "-shared", "-o", output, *objects], capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise BuildError(f"{ld[0]} failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
+
+    link.output_format = "so"  # type: ignore[attr-defined]
+    return link
+
+
+def write_kernels_object(executable: Any, path: Path) -> None:
+    """The kernels TVM compiled (one object file, entry points `__tvm_ffi_<kernel>`)."""
+    libraries = [m for m in executable.mod.imports if m.kind == "llvm"]
+    if len(libraries) != 1:
+        raise BuildError(f"expected one compiled kernel library, found {len(libraries)}")
+    libraries[0].write_to_file(str(path))
