@@ -13,6 +13,7 @@ from .lower_vm import LowerVM
 from .memory_plan import MemoryPlan
 from .quantize import Quantize
 from .static_plan import StaticPlan
+from .vectorize import Vectorize
 
 # The standard pipeline, in order. A target profile may name its own list (`default_passes`).
 # static-plan (TVM's StaticPlanBlockMemory) then memory-plan (socc's arena): memory-plan takes TVM's
@@ -32,6 +33,7 @@ STANDARD_PIPELINE: tuple[type[GraphPass], ...] = (
     Fusion,
     Legalize,
     FuseKernels,
+    Vectorize,
     LowerCalls,
     StaticPlan,
     MemoryPlan,

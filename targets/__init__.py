@@ -38,6 +38,8 @@ class TargetProfile:
     default_passes: tuple[str, ...] = ()  # empty: the pipeline's standard list
     # LLVM features switched off (e.g. HVX floating point, which qemu-hexagon cannot execute).
     disabled_features: tuple[str, ...] = ()
+    vector_asm_pattern: str = ""  # regex of the assembly of a vector instruction (for the vector share)
+    vector_float: bool = True  # the vector unit takes float math (false: float kernels stay scalar)
     # "tvm": the artifact runs on the TVM runtime (model.so + run_model). "static": no TVM runtime
     # on the unit here, so socc also writes a static program (generated C driver + C runtime) that
     # calls the kernels directly; `cc` compiles C for the unit, `ld` links objects.

@@ -169,7 +169,7 @@ def compile(  # noqa: A001 - the toolchain's verb
     samples = None
     if calibration is not None:
         samples = calibration_source(calibration, {spec.name: spec.shape for spec in imported.inputs})
-    ctx = CompileContext(tvm_target, profile.name, profile.features, profile.vector_bits, options,
+    ctx = CompileContext(tvm_target, profile.name, profile.features, profile.vector_bits, options, vector_float=profile.vector_float,
                          calibration=samples, source_nodes=imported.nodes_by_op_type(), int4_weights=imported.int4_weights)
     if profile.is_static:  # the static driver reads main after the memory plan, before VM lowering
         from .freestanding import generate_driver
@@ -184,8 +184,15 @@ def compile(  # noqa: A001 - the toolchain's verb
     else:
         mod, records = run_passes(imported.mod, selected, ctx, log)
     memory, timeline = memory_section(mod, records, max_memory)
-    with log.stage("codegen"):
+    with log.stage("codegen") as summary:
         executable = codegen(mod, tvm_target)
+        code = None
+        if profile.vector_asm_pattern:
+            from .build import kernel_instruction_counts
+            from .report import code_section
+
+            code = code_section(kernel_instruction_counts(executable, profile.vector_asm_pattern), profile.vector_asm_pattern)
+            summary.update(vector_share=code["vector_share"])
 
     staged = staging_dir(out_path)
     try:
@@ -213,6 +220,8 @@ def compile(  # noqa: A001 - the toolchain's verb
                 "memory": memory,
                 "quantization": quantization_section(records, memory),
             }
+            if code is not None:
+                manifest["code"] = code
             write_report(staged, manifest, memory, timeline)
             manifest = finalize_manifest(staged, manifest)
             summary.update(files=len(manifest["files"]), bytes=sum(f["size"] for f in manifest["files"].values()))

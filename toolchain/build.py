@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -70,3 +71,40 @@ def write_kernels_object(executable: Any, path: Path) -> None:
     if len(libraries) != 1:
         raise BuildError(f"expected one compiled kernel library, found {len(libraries)}")
     libraries[0].write_to_file(str(path))
+
+
+def kernel_instruction_counts(executable: Any, vector_pattern: str) -> dict[str, dict[str, int]]:
+    """Per kernel: instructions in its compute body, how many use the vector unit, and its argument-checking wrapper.
+
+    Counted in the assembly of the LLVM that built the kernels (one instruction per line; a Hexagon
+    packet's `{ }` lines hold several). An instruction is a vector one when it matches `vector_pattern`
+    (the profile's: HVX `v`/`q` registers and `vmem` on Hexagon)."""
+    pattern = re.compile(vector_pattern)
+    libraries = [m for m in executable.mod.imports if m.kind == "llvm"]
+    counts: dict[str, dict[str, int]] = {}
+    current: dict[str, int] | None = None
+    for line in (libraries[0].inspect_source("asm") if libraries else "").splitlines():
+        label = _LABEL.match(line)
+        if label:
+            name = label.group(2)
+            kernel, part = (name[: -len("_compute_")], "body") if name.endswith("_compute_") else (name, "wrapper")
+            if label.group(1) is None and part == "wrapper":
+                current = None  # a helper (e.g. __truncsfhf2), not a kernel
+                continue
+            current = counts.setdefault(kernel, {"instructions": 0, "vector_instructions": 0, "wrapper_instructions": 0})
+            current["_part"] = part == "body"
+            continue
+        text = line.strip().strip("{}").strip()
+        if current is None or not text or text.startswith((".", "//", "#")) or text.endswith(":"):
+            continue
+        if current["_part"]:
+            current["instructions"] += 1
+            current["vector_instructions"] += bool(pattern.search(text))
+        else:
+            current["wrapper_instructions"] += 1
+    for entry in counts.values():
+        entry.pop("_part", None)
+    return counts
+
+
+_LABEL = re.compile(r"^(__tvm_ffi_)?([A-Za-z_][\w.]*):")

@@ -222,6 +222,11 @@ def inspect_command(artifact: Path, as_json: bool) -> None:
                      + " ".join(f"{k}={v}" for k, v in quant["layers_by_mode"].items()))
         lines += [f"layer    {q['name']:<40}{q['mode']}" for q in quant["quantized"]]
         lines += [f"layer    {q['name']:<40}float: {q['reason']}" for q in quant["kept_float"]]
+    if "code" in m:
+        code = m["code"]
+        lines.append(f"code     {code['instructions']} instructions in kernel bodies, {code['vector_share']:.1%} vector")
+        lines += [f"kernel   {name:<56}{k['instructions']:>7} instr {k['vector_share']:>6.1%} vector  (+{k['wrapper_instructions']} argument checks)"
+                  for name, k in code["kernels"].items()]
     lines += [f"file     {name:<28}{f['size']:>12}  {f['sha256'][:16]}" for name, f in m["files"].items()]
     _emit(m, "\n".join(lines))
 

@@ -56,6 +56,23 @@ def quantization_section(records: Sequence[PassRecord], memory: dict[str, Any]) 
     return section
 
 
+def code_section(counts: dict[str, dict[str, int]], vector_pattern: str) -> dict[str, Any]:
+    """The manifest's `code` section: per kernel, instructions in its body, the vector ones and their share."""
+    kernels = {}
+    for name, entry in sorted(counts.items()):
+        share = entry["vector_instructions"] / entry["instructions"] if entry["instructions"] else 0.0
+        kernels[name] = {**entry, "vector_share": round(share, 4)}
+    total = sum(k["instructions"] for k in kernels.values())
+    vector = sum(k["vector_instructions"] for k in kernels.values())
+    return {
+        "vector_pattern": vector_pattern,
+        "instructions": total,
+        "vector_instructions": vector,
+        "vector_share": round(vector / total, 4) if total else 0.0,
+        "kernels": kernels,
+    }
+
+
 def write_report(folder: Path, manifest: dict[str, Any], memory: dict[str, Any], timeline: dict[str, Any] | None) -> None:
     """report.md (and memory.png when our planner ran) for a person reading the artifact."""
     lines = [
