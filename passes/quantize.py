@@ -519,6 +519,20 @@ def _nibble(byte: Any, index: Any) -> Any:
     return value.astype("float32")
 
 
+def _dequantize(values: Any, scales: Any) -> Any:
+    """float(values) * scales, kept apart from the bias add that follows.
+
+    TVM's LLVM code generator always allows fusing float ops, so `x * s + b` becomes a fused
+    multiply-add wherever LLVM sees both in one expression, which depends on the target and on
+    how the kernel was scheduled: results would differ by an ulp between host, ARM and Hexagon
+    builds of the same int8 model. max(., -FLT_MAX) changes no finite value and stops the fusion."""
+    from tvm import relax
+
+    op = relax.op
+    product = op.multiply(op.astype(values, "float32"), scales)
+    return op.maximum(product, relax.const(np.float32(-np.finfo(np.float32).max)))
+
+
 def _q4_matmul_te(x: Any, packed: Any, scales: Any, *zeros: Any, group: int) -> Any:
     from tvm import te, tirx
 
@@ -641,7 +655,7 @@ class _Rewriter:
             correction = (layer.zero_point * wq.astype(np.int64).sum(axis=(1, 2, 3))).astype(np.int32)
             acc = op.subtract(acc, relax.const(correction.reshape(1, -1, 1, 1)))
         rescale = (np.float64(layer.scale) * w_scale).astype(np.float32).reshape(1, -1, 1, 1)
-        return op.multiply(op.astype(acc, "float32"), relax.const(rescale))
+        return _dequantize(acc, relax.const(rescale))
 
     def matmul_int8(self, layer: Layer, call: Any, mutator: Any) -> Any:
         from tvm import relax
@@ -653,7 +667,7 @@ class _Rewriter:
             correction = (layer.zero_point * wq.astype(np.int64).sum(axis=0)).astype(np.int32)
             acc = op.subtract(acc, relax.const(correction))
         rescale = (np.float64(layer.scale) * w_scale).astype(np.float32)
-        return op.multiply(op.astype(acc, "float32"), relax.const(rescale))
+        return _dequantize(acc, relax.const(rescale))
 
     def take_int8(self, call: Any) -> Any:
         from tvm import relax
@@ -662,7 +676,7 @@ class _Rewriter:
         tq, row_scale = quantize_per_channel(_const(call.args[0]), axis=0)
         rows = op.take(relax.const(tq), call.args[1], axis=0, mode=str(attrs.mode))
         scales = op.take(relax.const(row_scale.reshape(-1, 1)), call.args[1], axis=0, mode=str(attrs.mode))
-        return op.multiply(op.astype(rows, "float32"), scales)
+        return _dequantize(rows, scales)
 
     def matmul_int4(self, layer: Layer, call: Any, mutator: Any) -> Any:
         from tvm import relax

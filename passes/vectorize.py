@@ -15,6 +15,12 @@ def _has_float_math(block: Any) -> bool:
     return "float" in block.body.script()  # casts and constants inside the expression (no Python TIR visitor in 0.27)
 
 
+def _is_float_multiply(block: Any) -> bool:
+    """The block stores `x * y` in a float type."""
+    value = getattr(block.body, "value", None)
+    return type(value).__name__ == "Mul" and str(value.ty).startswith(("float", "bfloat"))
+
+
 def _write_bits(block: Any) -> int:
     import tvm
 
@@ -28,10 +34,11 @@ def _is_reduction(block: Any) -> bool:
 
 
 def _inline_elementwise(sch: Any) -> int:
-    """Inlines every integer block that only feeds others (padding, casts) into its consumers.
+    """Inlines every block that only feeds others (padding, casts, the requantize chain) into its consumers.
 
-    Float blocks stay apart: inlined, `a * b + c` becomes one expression that LLVM contracts to a
-    fused multiply-add on some targets and not others, and int8 builds must agree bit for bit."""
+    A float multiply stays a block of its own: inlined into an add, `a * b + c` would become one
+    expression, which TVM's LLVM (fusion of FP ops always on) contracts to a fused multiply-add on
+    targets with one and not on others, and int8 builds must agree bit for bit across targets."""
     inlined = 0
     changed = True
     while changed:
@@ -40,7 +47,7 @@ def _inline_elementwise(sch: Any) -> int:
         outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(root)}
         for block_rv in sch.get_child_blocks(root):
             block = sch.get(block_rv)
-            if _is_reduction(block) or block.name_hint in outputs or _has_float_math(block):
+            if _is_reduction(block) or block.name_hint in outputs or _is_float_multiply(block):
                 continue
             try:
                 sch.compute_inline(block_rv)
@@ -59,24 +66,58 @@ def _extent(sch: Any, loop_rv: Any) -> int | None:
     return int(extent) if isinstance(extent, tirx.IntImm) else None
 
 
+def _vector_width(extent: int, lanes: int) -> int:
+    """A whole vector, or half of one, that divides `extent`; 0 when neither does.
+
+    Odd widths (24 x i32) gave wrong int8 results under qemu-hexagon, and LLVM's Hexagon backend
+    lowers vectors under 64 bytes to scalar code anyway."""
+    return next((w for w in (lanes, lanes // 2) if w >= 2 and extent >= w and extent % w == 0), 0)
+
+
 def _vectorize_innermost(sch: Any, loop_rv: Any, lanes: int, outer_anchor: Any = None) -> bool:
     """Splits `loop_rv` into vectors of `lanes` (or half that when it divides the extent) and vectorizes them.
 
     A loop shorter than half a vector stays scalar: LLVM's Hexagon backend lowers vectors under 64
     bytes to scalar code anyway."""
     extent = _extent(sch, loop_rv)
-    if extent is None or extent < max(lanes // 2, 2):
+    width = _vector_width(extent or 0, lanes)
+    if width == 0:
         return False
-    widths = [w for w in (lanes, lanes // 2) if w >= 2 and extent % w == 0]
-    if not widths:
-        return False  # whole or half vectors only: odd widths (24 x i32) gave wrong int8 results under qemu-hexagon
-    width = widths[0]
     if extent > width:
         outer, inner = sch.split(loop_rv, factors=[None, width])
         if outer_anchor is not None:
             sch.reorder(outer, *outer_anchor, inner)
         loop_rv = inner
     sch.vectorize(loop_rv)
+    return True
+
+
+def _vectorize_channels(sch: Any, block_rv: Any, lanes: int) -> bool:
+    """A conv2d (NCHW) on a small image: vectors over the output channels instead of the image row.
+
+    The weights are copied at the kernel's start to [c, kh, kw, f] and the int32 accumulator is laid
+    out [n, y, x, f], so both are contiguous along f; the input element is a broadcast scalar."""
+    block = sch.get(block_rv)
+    loops = sch.get_loops(block_rv)
+    if not block.name_hint.startswith("conv2d_nchw") or len(loops) != 7 or len(block.reads) != 2:
+        return False
+    channels = _extent(sch, loops[1])
+    weight = block.reads[1].source
+    if channels is None or len(weight.shape) != 4 or int(weight.shape[0]) != channels:
+        return False
+    width = _vector_width(channels or 0, lanes)
+    if width == 0:
+        return False
+    if block.name_hint in {sch.get(b).name_hint for b in sch.get_output_blocks(sch.get_sblock("root"))}:
+        return False  # it writes the kernel's output: that layout is the caller's
+    cache = sch.cache_read(block_rv, 1, "global")
+    sch.transform_layout(cache, ("write", 0), lambda f, c, kh, kw: (c, kh, kw, f))
+    sch.transform_layout(block_rv, ("write", 0), lambda n, f, y, x: (n, y, x, f))
+    n, f, y, x, rc, ry, rx = sch.get_loops(block_rv)
+    f_outer, f_inner = sch.split(f, factors=[None, width])
+    sch.reorder(n, y, x, f_outer, rc, ry, rx, f_inner)
+    sch.vectorize(f_inner)
+    sch.decompose_reduction(block_rv, rc)
     return True
 
 
@@ -103,8 +144,12 @@ def schedule_kernel(func: Any, vector_bits: int, vector_float: bool) -> tuple[An
             if not spatial or not reduce:
                 continue
             window = [_extent(sch, loop) for loop in reduce[1:]]
-            if len(spatial) >= 2 and window and all(e == 1 for e in window) and (_extent(sch, spatial[-1]) or 0) < lanes:
-                # a 1x1 convolution: its rows are contiguous too, so one loop over the image is a vector loop
+            pointwise = len(spatial) >= 2 and bool(window) and all(e == 1 for e in window) and (_extent(sch, spatial[-1]) or 0) < lanes
+            row = (_extent(sch, spatial[-1]) or 0) * ((_extent(sch, spatial[-2]) or 0) if pointwise else 1)
+            if _vector_width(row, lanes) == 0 and _vectorize_channels(sch, block_rv, lanes):
+                stats["vectorized_loops"] += 1  # too short a row: vectors over the output channels
+                continue
+            if pointwise:  # a 1x1 convolution: its rows are contiguous too, so one loop over the image
                 spatial = [*spatial[:-2], sch.fuse(spatial[-2], spatial[-1])]
             innermost = spatial[-1]
             sch.reorder(*spatial[:-1], *reduce, innermost)

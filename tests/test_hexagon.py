@@ -1,0 +1,139 @@
+"""Hexagon profiles: HVX code, and the static program run under qemu-hexagon against host and onnxruntime."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import run_socc
+from toolchain import api
+
+pytestmark = pytest.mark.skipif(shutil.which("qemu-hexagon") is None or shutil.which("clang") is None,
+                                reason="needs qemu-hexagon and clang (make install)")
+
+STATIC = {"image": [1, 1, 8, 8]}
+
+
+def _mlp_block(path: Path) -> Path:
+    """x[1,64] -> MatMul(64x128) + bias -> Relu -> MatMul(128x32) + bias: an MLP block, real trained-like scale."""
+    rng = np.random.default_rng(3)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((64, 128)) / 8).astype(np.float32), "W1"),
+        numpy_helper.from_array((rng.standard_normal(128) / 10).astype(np.float32), "B1"),
+        numpy_helper.from_array((rng.standard_normal((128, 32)) / 11).astype(np.float32), "W2"),
+        numpy_helper.from_array((rng.standard_normal(32) / 10).astype(np.float32), "B2"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["h"], name="fc1"),
+        helper.make_node("Add", ["h", "B1"], ["hb"], name="fc1_bias"),
+        helper.make_node("Relu", ["hb"], ["a"], name="act"),
+        helper.make_node("MatMul", ["a", "W2"], ["o"], name="fc2"),
+        helper.make_node("Add", ["o", "B2"], ["y"], name="fc2_bias"),
+    ]
+    graph = helper.make_graph(nodes, "mlp_block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def digits(models_dir: Path) -> dict:
+    from examples.models import digits_cnn, digits_data
+
+    model = digits_cnn(models_dir / "digits_cnn_hexagon.onnx")
+    x_train, _, x_test, y_test = digits_data()
+    calibration = models_dir / "digits_calibration_hexagon.npz"
+    np.savez(calibration, image=x_train[:128])
+    return {"model": model, "calibration": calibration, "x_test": x_test, "y_test": y_test}
+
+
+@pytest.fixture(scope="module")
+def digits_int8(digits: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, api.Artifact]:
+    out = tmp_path_factory.mktemp("hexagon")
+    return {target: api.compile(digits["model"], target, out / f"digits.{target}", shape=STATIC, quantize="int8",
+                                calibration=digits["calibration"], progress=False)
+            for target in ("host", "hexagon-v73")}
+
+
+def test_int8_cnn_under_qemu_hexagon_is_bit_identical_to_host(digits: dict, digits_int8: dict[str, api.Artifact]) -> None:
+    hexagon, host = digits_int8["hexagon-v73"], digits_int8["host"]
+    assert hexagon.manifest["quantization"]["layers_by_mode"] == {"int8": 5}
+    predictions = []
+    for image in digits["x_test"][:24]:
+        x = {"image": image[None]}
+        expected = host.run(x)["logits"]
+        got = hexagon.run(x)["logits"]  # the static program under qemu-hexagon
+        np.testing.assert_array_equal(got, expected)
+        predictions.append(int(got.argmax()))
+    assert np.mean(np.array(predictions) == digits["y_test"][:24]) >= 0.9  # a trained model, really classifying
+
+
+def test_int8_mlp_block_under_qemu_hexagon_is_bit_identical_to_host(tmp_path: Path) -> None:
+    model = _mlp_block(tmp_path / "mlp.onnx")
+    rng = np.random.default_rng(0)
+    calibration = tmp_path / "calibration.npz"
+    np.savez(calibration, x=rng.standard_normal((16, 1, 64)).astype(np.float32))
+    built = {t: api.compile(model, t, tmp_path / f"mlp.{t}", quantize="int8", calibration=calibration, progress=False)
+             for t in ("host", "hexagon-v73")}
+    for _ in range(6):
+        x = {"x": rng.standard_normal((1, 64)).astype(np.float32)}
+        np.testing.assert_array_equal(built["hexagon-v73"].run(x)["y"], built["host"].run(x)["y"])
+    code = built["hexagon-v73"].manifest["code"]["kernels"]
+    matmuls = {name: k for name, k in code.items() if "matmul" in name}
+    assert matmuls
+    # the 64x128 matmul runs on HVX: 32 x int32 accumulators per vector, unrolled over the reduction
+    widest = max(matmuls.values(), key=lambda k: k["instructions"])
+    assert widest["vector_share"] >= 0.5, matmuls
+
+
+def test_float_model_under_qemu_hexagon_matches_onnxruntime(digits: dict, tmp_path: Path) -> None:
+    art = api.compile(digits["model"], "hexagon-v73", tmp_path / "digits.float", shape=STATIC, progress=False)
+    session = ort.InferenceSession(str(digits["model"]))
+    for image in digits["x_test"][:4]:
+        x = image[None].astype(np.float32)
+        expected = session.run(None, {"image": x})[0]
+        got = art.run({"image": x})["logits"]
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    report = api.verify(art, model=digits["model"])  # socc verify through the same path: random inputs vs onnxruntime
+    assert report.ok
+
+
+def test_artifact_holds_dsp_library_static_program_and_driver(digits_int8: dict[str, api.Artifact]) -> None:
+    art = digits_int8["hexagon-v73"]
+    files = art.manifest["files"]
+    for name in ("model.so", "run_model", "model_driver.c", "model_weights.bin", "hexagon_rt.c", "report.md"):
+        assert name in files
+    for name in ("model.so", "run_model"):
+        header = (art.path / name).read_bytes()[:20]
+        assert header[:4] == b"\x7fELF" and header[4] == 1  # 32-bit ELF
+        assert int.from_bytes(header[18:20], "little") == 164  # EM_HEXAGON
+    driver = (art.path / "model_driver.c").read_text()
+    calls = re.findall(r"socc_call\(__tvm_ffi_(\w+),", driver)
+    # the planned main's calls: quantize the image, 3 convs, max-pool (on uint8), 2 gemms
+    assert calls[0].startswith("fused_multiply") and calls[3] == "max_pool2d" and len(calls) == 7
+    arena = re.search(r"static unsigned char socc_arena\d+\[(\d+)\]", driver)
+    assert arena and int(arena.group(1)) == art.manifest["memory"]["arena_bytes"]  # one arena, as planned
+
+
+def test_vector_share_is_reported_per_kernel(digits_int8: dict[str, api.Artifact]) -> None:
+    code = digits_int8["hexagon-v73"].manifest["code"]
+    assert set(code["kernels"]) >= {name for name in code["kernels"] if name.startswith("fused_conv2d")}
+    convs = [k for name, k in code["kernels"].items() if name.startswith("fused_conv2d")]
+    assert len(convs) == 3 and all(k["vector_instructions"] > 0 for k in convs)  # every int8 conv has HVX code
+    result = run_socc("inspect", digits_int8["hexagon-v73"].path)
+    assert result.code == 0
+    assert re.search(r"^kernel\s+fused_conv2d\S*\s+\d+ instr\s+\d+\.\d% vector", result.stdout, re.M)
+
+
+def test_dynamic_shapes_are_refused_naming_the_dims(digits: dict, tmp_path: Path) -> None:
+    result = run_socc("compile", digits["model"], "--target", "hexagon-v73", "-o", tmp_path / "out")
+    assert result.code == 2
+    assert "image[0]=batch" in result.stderr and "--shape" in result.stderr
+    assert not (tmp_path / "out").exists()
