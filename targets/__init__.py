@@ -38,7 +38,11 @@ class TargetProfile:
     default_passes: tuple[str, ...] = ()  # empty: the pipeline's standard list
     # LLVM features switched off (e.g. HVX floating point, which qemu-hexagon cannot execute).
     disabled_features: tuple[str, ...] = ()
-    vector_asm_pattern: str = ""  # regex of the assembly of a vector instruction (for the vector share)
+    llvm_opt_level: int = 0  # 0: TVM's default (3)
+    # Disassembler command for the built library, and the regex of a vector instruction in its output:
+    # `socc inspect` reports each kernel's instruction count and vector share from them.
+    objdump: tuple[str, ...] = ()
+    vector_asm_pattern: str = ""
     vector_float: bool = True  # the vector unit takes float math (false: float kernels stay scalar)
     # "tvm": the artifact runs on the TVM runtime (model.so + run_model). "static": no TVM runtime
     # on the unit here, so socc also writes a static program (generated C driver + C runtime) that
@@ -67,6 +71,8 @@ class TargetProfile:
             target["mcpu"] = self.cpu
         if self.features or self.disabled_features:
             target["mattr"] = self.llvm_mattr
+        if self.llvm_opt_level:
+            target["opt-level"] = self.llvm_opt_level
         return target
 
     def for_abi(self, abi: str, cc: str | None = None) -> "TargetProfile":
@@ -108,7 +114,7 @@ def _resolve(raw: dict[str, Any], source: str, seen: tuple[str, ...] = ()) -> Ta
     unknown = sorted(set(data) - fields)
     if unknown:
         raise UserError(f"target profile {source}: unknown keys {', '.join(unknown)}")
-    for key in ("features", "cxx", "emulator", "supported_ops", "default_passes", "disabled_features", "cc", "ld"):
+    for key in ("features", "cxx", "emulator", "supported_ops", "default_passes", "disabled_features", "cc", "ld", "objdump"):
         data[key] = tuple(data.get(key, ()))
     data.setdefault("family", data.get("name", source))
     if data.get("runtime", "tvm") not in ("tvm", "static"):

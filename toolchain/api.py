@@ -184,15 +184,8 @@ def compile(  # noqa: A001 - the toolchain's verb
     else:
         mod, records = run_passes(imported.mod, selected, ctx, log)
     memory, timeline = memory_section(mod, records, max_memory)
-    with log.stage("codegen") as summary:
+    with log.stage("codegen"):
         executable = codegen(mod, tvm_target)
-        code = None
-        if profile.vector_asm_pattern:
-            from .build import kernel_instruction_counts
-            from .report import code_section
-
-            code = code_section(kernel_instruction_counts(executable, profile.vector_asm_pattern), profile.vector_asm_pattern)
-            summary.update(vector_share=code["vector_share"])
 
     staged = staging_dir(out_path)
     try:
@@ -220,8 +213,13 @@ def compile(  # noqa: A001 - the toolchain's verb
                 "memory": memory,
                 "quantization": quantization_section(records, memory),
             }
-            if code is not None:
-                manifest["code"] = code
+            if profile.objdump:
+                from .build import kernel_instruction_counts
+                from .report import code_section
+
+                counts = kernel_instruction_counts(staged / MODEL_LIB, profile.objdump, profile.vector_asm_pattern)
+                manifest["code"] = code_section(counts, profile.vector_asm_pattern)
+                summary.update(vector_share=manifest["code"]["vector_share"])
             write_report(staged, manifest, memory, timeline)
             manifest = finalize_manifest(staged, manifest)
             summary.update(files=len(manifest["files"]), bytes=sum(f["size"] for f in manifest["files"].values()))

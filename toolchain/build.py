@@ -73,38 +73,43 @@ def write_kernels_object(executable: Any, path: Path) -> None:
     libraries[0].write_to_file(str(path))
 
 
-def kernel_instruction_counts(executable: Any, vector_pattern: str) -> dict[str, dict[str, int]]:
-    """Per kernel: instructions in its compute body, how many use the vector unit, and its argument-checking wrapper.
+def kernel_instruction_counts(binary: Path, objdump: tuple[str, ...], vector_pattern: str) -> dict[str, dict[str, int]]:
+    """Per kernel of a built library: instructions in its compute body, how many use the vector unit,
+    and the instructions of its argument-checking wrapper (`__tvm_ffi_<kernel>`).
 
-    Counted in the assembly of the LLVM that built the kernels (one instruction per line; a Hexagon
-    packet's `{ }` lines hold several). An instruction is a vector one when it matches `vector_pattern`
-    (the profile's: HVX `v`/`q` registers and `vmem` on Hexagon)."""
+    Counted in the disassembly of the binary that ships (`objdump`, the profile's command); an
+    instruction is a vector one when it matches `vector_pattern` (HVX: `v`/`q` registers, `vmem`)."""
+    done = subprocess.run([*objdump, str(binary)], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise BuildError(f"{objdump[0]} failed on {binary.name}: {(done.stderr or '').strip().splitlines()[-1:]}")
     pattern = re.compile(vector_pattern)
-    libraries = [m for m in executable.mod.imports if m.kind == "llvm"]
     counts: dict[str, dict[str, int]] = {}
-    current: dict[str, int] | None = None
-    for line in (libraries[0].inspect_source("asm") if libraries else "").splitlines():
-        label = _LABEL.match(line)
-        if label:
-            name = label.group(2)
-            kernel, part = (name[: -len("_compute_")], "body") if name.endswith("_compute_") else (name, "wrapper")
-            if label.group(1) is None and part == "wrapper":
-                current = None  # a helper (e.g. __truncsfhf2), not a kernel
-                continue
-            current = counts.setdefault(kernel, {"instructions": 0, "vector_instructions": 0, "wrapper_instructions": 0})
-            current["_part"] = part == "body"
+    current: tuple[dict[str, int], str] | None = None
+    for line in done.stdout.splitlines():
+        symbol = _SYMBOL.match(line)
+        if symbol:
+            name = symbol.group(1)
+            if name.startswith("__tvm_ffi_") and not name.startswith("__tvm_ffi__"):
+                current = (counts.setdefault(name[len("__tvm_ffi_"):], _empty_counts()), "wrapper_instructions")
+            elif name.endswith("_compute_"):
+                current = (counts.setdefault(name[: -len("_compute_")], _empty_counts()), "instructions")
+            else:
+                current = None
             continue
-        text = line.strip().strip("{}").strip()
-        if current is None or not text or text.startswith((".", "//", "#")) or text.endswith(":"):
+        if current is None or ":\t" not in line:
             continue
-        if current["_part"]:
-            current["instructions"] += 1
-            current["vector_instructions"] += bool(pattern.search(text))
-        else:
-            current["wrapper_instructions"] += 1
-    for entry in counts.values():
-        entry.pop("_part", None)
+        text = line.rsplit("\t", 1)[-1].strip().strip("{}").strip()
+        if not text:
+            continue
+        entry, key = current
+        entry[key] += 1
+        if key == "instructions" and pattern.search(text):
+            entry["vector_instructions"] += 1
     return counts
 
 
-_LABEL = re.compile(r"^(__tvm_ffi_)?([A-Za-z_][\w.]*):")
+def _empty_counts() -> dict[str, int]:
+    return {"instructions": 0, "vector_instructions": 0, "wrapper_instructions": 0}
+
+
+_SYMBOL = re.compile(r"^[0-9a-f]+ <([^>]+)>:$")
