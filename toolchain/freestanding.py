@@ -262,24 +262,19 @@ def _render(w: _Writer, inputs: list[_Tensor], outputs: list[_Tensor]) -> str:
         "  }",
     ]
     for i, t in enumerate(inputs):
-        lines += [
-            f"  if (socc_read_file(argv[{1 + i}], {t.base}, {t.nbytes}) != 0) {{",
-            f'    socc_print(2, "run_model: input {i} must be a file of exactly {t.nbytes} bytes\\n");',
-            "    return 2;",
-            "  }",
-        ]
-    for k, (kernel, args) in enumerate(w.calls):
+        lines += _or_exit(f"socc_read_file(argv[{1 + i}], {t.base}, {t.nbytes})", f"input {i} must be a file of exactly {t.nbytes} bytes", 2)
+    for kernel, args in w.calls:
         tensors = ", ".join(f"&socc_t{a}" for a in args)
         lines.append(f"  {{ DLTensor* t[] = {{{tensors}}}; if (socc_call(__tvm_ffi_{kernel}, {_c_string(kernel)}, t, {len(args)})) return 1; }}")
     for i, t in enumerate(outputs):
-        lines += [
-            f"  if (socc_write_file(argv[{1 + len(inputs) + i}], {t.base} + {t.offset}, {t.nbytes}) != 0) {{",
-            f'    socc_print(2, "run_model: cannot write output {i}\\n");',
-            "    return 1;",
-            "  }",
-        ]
+        lines += _or_exit(f"socc_write_file(argv[{1 + len(inputs) + i}], {t.base} + {t.offset}, {t.nbytes})", f"cannot write output {i}", 1)
     lines += ["  return 0;", "}", ""]
     return "\n".join(lines)
+
+
+def _or_exit(call: str, message: str, code: int) -> list[str]:
+    """C lines: run `call`; if it fails, print `message` and return `code` from socc_main."""
+    return [f"  if ({call} != 0) {{", f'    socc_print(2, "run_model: {message}\\n");', f"    return {code};", "  }"]
 
 
 def _ffi_include_dir() -> Path:
