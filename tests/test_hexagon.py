@@ -137,3 +137,94 @@ def test_dynamic_shapes_are_refused_naming_the_dims(digits: dict, tmp_path: Path
     assert result.code == 2
     assert "image[0]=batch" in result.stderr and "--shape" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_float_transformer_under_qemu_hexagon_matches_onnxruntime(minilm: Path, tmp_path: Path) -> None:
+    """all-MiniLM-L6-v2, real weights: softmax, erf-GELU, layer norm run on our C runtime's float math."""
+    from examples.models import minilm_tokenize
+
+    art = api.compile(minilm, "hexagon-v73", tmp_path / "minilm.hexagon", progress=False,
+                      shape={"input_ids": [1, 8], "attention_mask": [1, 8]})
+    inputs = minilm_tokenize(["A man is playing a guitar."], 8)
+    report = api.verify(art, model=minilm, inputs=inputs)
+    assert report.ok, report.table()
+    assert max(o.max_rel for o in report.outputs) < 1e-5
+
+
+RUNTIME_PROBE = r"""
+#include <stdint.h>
+#include <stddef.h>
+int socc_read_file(const char* path, void* dst, size_t size);
+int socc_write_file(const char* path, const void* src, size_t size);
+float __hexagon_divsf3(float a, float b);
+float expf(float), sqrtf(float), erff(float), tanhf(float), logf(float), nearbyintf(float);
+int64_t __hexagon_divdi3(int64_t, int64_t);
+int64_t __hexagon_moddi3(int64_t, int64_t);
+enum { N = 4096 };
+static float a[N], b[N], out[7 * N];
+static int64_t ia[N], ib[N], iout[2 * N];
+int socc_main(int argc, char** argv) {
+  if (socc_read_file(argv[1], a, sizeof a) || socc_read_file(argv[2], b, sizeof b)) return 2;
+  if (socc_read_file(argv[3], ia, sizeof ia) || socc_read_file(argv[4], ib, sizeof ib)) return 2;
+  for (int i = 0; i < N; ++i) {
+    out[i] = __hexagon_divsf3(a[i], b[i]);
+    out[N + i] = expf(b[i]);
+    out[2 * N + i] = sqrtf(a[i] < 0 ? -a[i] : a[i]);
+    out[3 * N + i] = erff(b[i]);
+    out[4 * N + i] = tanhf(b[i]);
+    out[5 * N + i] = logf(a[i] < 0 ? -a[i] : a[i]);
+    out[6 * N + i] = nearbyintf(b[i] * 8.0f);
+    iout[i] = __hexagon_divdi3(ia[i], ib[i]);
+    iout[N + i] = __hexagon_moddi3(ia[i], ib[i]);
+  }
+  return socc_write_file(argv[5], out, sizeof out) || socc_write_file(argv[6], iout, sizeof iout);
+}
+"""
+
+
+def test_c_runtime_math_under_qemu_hexagon(tmp_path: Path) -> None:
+    """The freestanding runtime's division is exactly rounded; its expf/sqrtf/erff/tanhf/logf are within a few ulps."""
+    import math
+    import subprocess
+
+    from toolchain.freestanding import RUNTIME_SOURCE, _ffi_include_dir
+    from toolchain.targets import load_profile
+
+    profile = load_profile("hexagon-v73")
+    (tmp_path / "probe.c").write_text(RUNTIME_PROBE)
+    for source in ("probe.c", str(RUNTIME_SOURCE)):
+        subprocess.run([*profile.cc, f"-I{_ffi_include_dir()}", "-c", source, "-o", tmp_path / (Path(source).stem + ".o")],
+                       cwd=tmp_path, check=True)
+    subprocess.run([*profile.ld, "-static", "-o", "probe", "probe.o", "hexagon_rt.o"], cwd=tmp_path, check=True)
+    rng = np.random.default_rng(0)
+    n = 4096
+    a = (rng.standard_normal(n) * 10.0 ** rng.integers(-30, 30, n)).astype(np.float32)
+    b = (rng.standard_normal(n) * 4).astype(np.float32)
+    b[:8] = [0.5, -0.5, 1e-30, 88.0, -100.0, 0.03125, 2.5 / 8, 3.5 / 8]  # halves for nearbyint, tiny and huge exp
+    ia = rng.integers(-(2 ** 62), 2 ** 62, n)
+    ib = rng.integers(-(2 ** 31), 2 ** 31, n)
+    ib[ib == 0] = 7
+    for name, array in (("a", a), ("b", b), ("ia", ia), ("ib", ib)):
+        (tmp_path / f"{name}.bin").write_bytes(array.tobytes())
+    subprocess.run([*profile.emulator, "./probe", "a.bin", "b.bin", "ia.bin", "ib.bin", "out.bin", "iout.bin"],
+                   cwd=tmp_path, check=True)
+    out = np.fromfile(tmp_path / "out.bin", dtype=np.float32).reshape(7, n)
+    iout = np.fromfile(tmp_path / "iout.bin", dtype=np.int64).reshape(2, n)
+    with np.errstate(all="ignore"):
+        np.testing.assert_array_equal(out[0], a / b)  # IEEE division, round half to even, subnormals included
+
+        def ulps(got: np.ndarray, exact: np.ndarray) -> float:
+            exact32 = exact.astype(np.float32)
+            finite = np.isfinite(exact32) & (exact32 != 0)
+            return float(np.max(np.abs(got[finite] - exact32[finite]) / np.spacing(np.abs(exact32[finite]))))
+
+        b64, a64 = b.astype(np.float64), np.abs(a.astype(np.float64))
+        assert ulps(out[1], np.exp(b64)) <= 4
+        assert ulps(out[2], np.sqrt(a64)) <= 1
+        assert ulps(out[3][np.abs(b) > 1e-3], np.array([math.erf(v) for v in b64[np.abs(b) > 1e-3]])) <= 8
+        assert ulps(out[4], np.tanh(b64)) <= 8
+        assert ulps(out[5][a64 != 1], np.log(a64[a64 != 1])) <= 4
+    np.testing.assert_array_equal(out[6], np.rint(b * np.float32(8)))
+    quotients = [(abs(int(x)) // abs(int(y))) * (1 if (x < 0) == (y < 0) else -1) for x, y in zip(ia, ib)]  # C: toward zero
+    np.testing.assert_array_equal(iout[0], quotients)
+    np.testing.assert_array_equal(iout[1], [int(x) - q * int(y) for x, y, q in zip(ia, ib, quotients)])

@@ -100,7 +100,7 @@ class _Writer:
     def constant(self, const: Any) -> _Tensor:
         key = const  # TVM objects hash and compare by identity
         if key not in self.constant_ids:
-            data = np.ascontiguousarray(const.value.numpy())
+            data = np.array(const.value.numpy(), order="C")  # not ascontiguousarray: it makes 0-d arrays 1-d
             offset = -len(self.weights) % ALIGN
             self.weights.extend(b"\0" * offset)
             start = len(self.weights)

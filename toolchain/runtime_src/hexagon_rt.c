@@ -9,7 +9,9 @@
  *     __TVMBackendFreeWorkspace pointers (TVM frees workspace in reverse order of allocation);
  *   - TVMFFIErrorSetRaisedFromCStrParts, which prints the kernel's error on stderr;
  *   - the float math the kernels call: nearbyintf, expf, logf, powf, sqrtf, tanhf, erff,
- *     fmodf (float only: the Hexagon soft double routines are not linked).
+ *     fmodf (float only: the Hexagon soft double routines are not linked);
+ *   - the compiler's helpers (compiler-rt is not in Debian for Hexagon): float division and square
+ *     root, 32- and 64-bit integer division.
  * The driver defines socc_main(argc, argv).
  */
 #include <stddef.h>
@@ -257,6 +259,43 @@ float sqrtf(float x) {
   return s + 0.5f * y * (x - s * s);
 }
 
+float __hexagon_sqrtf(float x) { return sqrtf(x); }
+
+/* Unsigned long division by shift and subtract; `remainder` may be NULL. */
+static uint64_t socc_udivmod64(uint64_t n, uint64_t d, uint64_t* remainder) {
+  uint64_t q = 0, r = 0;
+  if (d == 0) {
+    socc_print(2, "socc runtime: integer division by zero\n");
+    socc_exit(3);
+  }
+  for (int i = 63; i >= 0; --i) {
+    r = (r << 1) | ((n >> i) & 1);
+    if (r >= d) r -= d, q |= (uint64_t)1 << i;
+  }
+  if (remainder) *remainder = r;
+  return q;
+}
+
+uint64_t __hexagon_udivdi3(uint64_t n, uint64_t d) { return socc_udivmod64(n, d, NULL); }
+uint64_t __hexagon_umoddi3(uint64_t n, uint64_t d) {
+  uint64_t r;
+  socc_udivmod64(n, d, &r);
+  return r;
+}
+int64_t __hexagon_divdi3(int64_t n, int64_t d) {
+  uint64_t q = socc_udivmod64(n < 0 ? -(uint64_t)n : (uint64_t)n, d < 0 ? -(uint64_t)d : (uint64_t)d, NULL);
+  return (n < 0) != (d < 0) ? -(int64_t)q : (int64_t)q;
+}
+int64_t __hexagon_moddi3(int64_t n, int64_t d) { /* C semantics: the sign of the dividend */
+  uint64_t r;
+  socc_udivmod64(n < 0 ? -(uint64_t)n : (uint64_t)n, d < 0 ? -(uint64_t)d : (uint64_t)d, &r);
+  return n < 0 ? -(int64_t)r : (int64_t)r;
+}
+uint32_t __hexagon_udivsi3(uint32_t n, uint32_t d) { return (uint32_t)__hexagon_udivdi3(n, d); }
+uint32_t __hexagon_umodsi3(uint32_t n, uint32_t d) { return (uint32_t)__hexagon_umoddi3(n, d); }
+int32_t __hexagon_divsi3(int32_t n, int32_t d) { return (int32_t)__hexagon_divdi3(n, d); }
+int32_t __hexagon_modsi3(int32_t n, int32_t d) { return (int32_t)__hexagon_moddi3(n, d); }
+
 float expf(float x) {
   if (x != x) return x;
   if (x > 88.72f) return socc_bits_to_float(0x7f800000u);
@@ -314,9 +353,10 @@ float powf(float x, float y) {
 float tanhf(float x) {
   float a = fabsf(x);
   float r;
-  if (a < 0.0625f) {
-    float a2 = a * a;
-    r = a * (1.0f + a2 * (-0.333333333f + a2 * (0.133333333f + a2 * -0.053968254f)));
+  if (a < 0.625f) { /* tanh(a) = e / (e + 2), e = expm1(2a) by its series: no cancellation */
+    float t = 2.0f * a, e = 0.0f;
+    for (int k = 13; k >= 1; --k) e = t / (float)k * (1.0f + e);
+    r = e / (e + 2.0f);
   } else if (a > 9.0f) {
     r = 1.0f;
   } else {
