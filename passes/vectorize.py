@@ -92,11 +92,16 @@ def _vectorize_innermost(sch: Any, loop_rv: Any, lanes: int, outer_anchor: Any =
     return True
 
 
-def _vectorize_channels(sch: Any, block_rv: Any, lanes: int) -> bool:
+WEIGHT_TO_CHANNELS_LAST = (1, 2, 3, 0)  # [f, c, kh, kw] -> [c, kh, kw, f]
+
+
+def _vectorize_channels(sch: Any, block_rv: Any, lanes: int, constant_params: frozenset[int], relayout: dict[int, tuple[int, ...]]) -> bool:
     """A conv2d (NCHW) on a small image: vectors over the output channels instead of the image row.
 
-    The weights are copied at the kernel's start to [c, kh, kw, f] and the int32 accumulator is laid
-    out [n, y, x, f], so both are contiguous along f; the input element is a broadcast scalar."""
+    The weights are laid out [c, kh, kw, f] and the int32 accumulator [n, y, x, f], so both are
+    contiguous along f; the input element is a broadcast scalar. When every call passes the weights
+    as a constant, the kernel takes them in that layout (`relayout` records the parameter, and the
+    caller's constants are transposed at compile time); otherwise the kernel copies them at its start."""
     block = sch.get(block_rv)
     loops = sch.get_loops(block_rv)
     if not block.name_hint.startswith("conv2d_nchw") or len(loops) != 7 or len(block.reads) != 2:
@@ -110,8 +115,14 @@ def _vectorize_channels(sch: Any, block_rv: Any, lanes: int) -> bool:
         return False
     if block.name_hint in {sch.get(b).name_hint for b in sch.get_output_blocks(sch.get_sblock("root"))}:
         return False  # it writes the kernel's output: that layout is the caller's
-    cache = sch.cache_read(block_rv, 1, "global")
-    sch.transform_layout(cache, ("write", 0), lambda f, c, kh, kw: (c, kh, kw, f))
+    func = sch.mod["main"]
+    param = next((i for i, p in enumerate(func.params) if p.same_as(weight)), None)
+    if param is not None and param in constant_params:
+        sch.transform_layout(block_rv, ("read", 1), lambda f, c, kh, kw: (c, kh, kw, f))
+        relayout[param] = WEIGHT_TO_CHANNELS_LAST
+    else:
+        cache = sch.cache_read(block_rv, 1, "global")
+        sch.transform_layout(cache, ("write", 0), lambda f, c, kh, kw: (c, kh, kw, f))
     sch.transform_layout(block_rv, ("write", 0), lambda n, f, y, x: (n, y, x, f))
     n, f, y, x, rc, ry, rx = sch.get_loops(block_rv)
     f_outer, f_inner = sch.split(f, factors=[None, width])
@@ -121,11 +132,16 @@ def _vectorize_channels(sch: Any, block_rv: Any, lanes: int) -> bool:
     return True
 
 
-def schedule_kernel(func: Any, vector_bits: int, vector_float: bool) -> tuple[Any, dict[str, int]]:
-    """The kernel with elementwise producers inlined and its innermost contiguous loops vectorized."""
+def schedule_kernel(func: Any, vector_bits: int, vector_float: bool,
+                    constant_params: frozenset[int] = frozenset()) -> tuple[Any, dict[str, int], dict[int, tuple[int, ...]]]:
+    """The kernel with elementwise producers inlined and its innermost contiguous loops vectorized.
+
+    Also returns the parameters (among `constant_params`) whose layout it changed, with the permutation
+    the caller's constant must get."""
     from tvm import s_tir, tirx
 
     stats = {"inlined": 0, "vectorized_loops": 0, "scalar_float_blocks": 0}
+    relayout: dict[int, tuple[int, ...]] = {}
     sch = s_tir.Schedule(func)
     stats["inlined"] = _inline_elementwise(sch)
     for block_rv in sch.get_child_blocks(sch.get_sblock("root")):
@@ -146,7 +162,7 @@ def schedule_kernel(func: Any, vector_bits: int, vector_float: bool) -> tuple[An
             window = [_extent(sch, loop) for loop in reduce[1:]]
             pointwise = len(spatial) >= 2 and bool(window) and all(e == 1 for e in window) and (_extent(sch, spatial[-1]) or 0) < lanes
             row = (_extent(sch, spatial[-1]) or 0) * ((_extent(sch, spatial[-2]) or 0) if pointwise else 1)
-            if _vector_width(row, lanes) == 0 and _vectorize_channels(sch, block_rv, lanes):
+            if _vector_width(row, lanes) == 0 and _vectorize_channels(sch, block_rv, lanes, constant_params, relayout):
                 stats["vectorized_loops"] += 1  # too short a row: vectors over the output channels
                 continue
             if pointwise:  # a 1x1 convolution: its rows are contiguous too, so one loop over the image
@@ -160,7 +176,7 @@ def schedule_kernel(func: Any, vector_bits: int, vector_float: bool) -> tuple[An
             fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
             if _vectorize_innermost(sch, fused, lanes):
                 stats["vectorized_loops"] += 1
-    return sch.mod["main"], stats
+    return sch.mod["main"], stats, relayout
 
 
 class Vectorize(GraphPass):
@@ -175,12 +191,14 @@ class Vectorize(GraphPass):
         if ctx.vector_bits <= 0:
             return mod, {**totals, "skipped": "the target profile gives no vector width"}
         result = mod.clone()
+        constants = _constant_params(mod)
+        relayouts: dict[Any, dict[int, tuple[int, ...]]] = {}
         for gvar, func in mod.functions.items():
             if not isinstance(func, tirx.PrimFunc):
                 continue
             totals["kernels"] += 1
             try:
-                scheduled, stats = schedule_kernel(func, ctx.vector_bits, ctx.vector_float)
+                scheduled, stats, relayout = schedule_kernel(func, ctx.vector_bits, ctx.vector_float, constants.get(gvar, frozenset()))
             except Exception:  # noqa: BLE001 - a kernel the schedule cannot handle keeps TVM's default
                 totals["failed"] += 1
                 continue
@@ -188,4 +206,76 @@ class Vectorize(GraphPass):
                 totals[key] += value
             totals["kernels_vectorized"] += int(stats["vectorized_loops"] > 0)
             result.update_func(gvar, scheduled)
-        return result, totals
+            if relayout:
+                relayouts[gvar] = relayout
+        totals["weights_relaid"] = sum(len(r) for r in relayouts.values())
+        return (_with_relaid_weights(result, relayouts) if relayouts else result), totals
+
+
+def _with_relaid_weights(mod: Any, relayouts: dict[Any, dict[int, tuple[int, ...]]]) -> Any:
+    """The module with each relaid kernel under a fresh GlobalVar of its new signature, and main
+    calling it with its constant arguments transposed to match."""
+    import tvm
+    from tvm import relax
+
+    renamed = {}
+    for gvar in relayouts:
+        fresh = tvm.ir.GlobalVar(gvar.name_hint)
+        relax.expr._update_type(fresh, mod[gvar].ty)  # what BlockBuilder.add_func does (no public API)
+        renamed[gvar] = fresh
+    result = tvm.IRModule({}, attrs=mod.attrs, global_infos=mod.global_infos)
+    for gvar, func in mod.functions_items():
+        if gvar in renamed:
+            result[renamed[gvar]] = func
+        elif gvar.name_hint == "main":
+            result[gvar] = _transpose_constants(func, relayouts, renamed)
+        else:
+            result[gvar] = func
+    return result
+
+
+def _call_tir_sites(func: Any) -> list[Any]:
+    from tvm import relax
+
+    call_tir = tvm_op("relax.call_tir")
+    return [b.value for block in func.body.blocks for b in block.bindings
+            if isinstance(b.value, relax.Call) and b.value.op.same_as(call_tir)]
+
+
+def tvm_op(name: str) -> Any:
+    import tvm
+
+    return tvm.ir.Op.get(name)
+
+
+def _constant_params(mod: Any) -> dict[Any, frozenset[int]]:
+    """Per kernel, the parameters that every call in main passes as a constant."""
+    from tvm.ir.expr import Constant
+
+    found: dict[Any, frozenset[int]] = {}
+    for call in _call_tir_sites(mod["main"]):
+        gvar, args = call.args[0], call.args[1].fields
+        constant = frozenset(i for i, arg in enumerate(args) if isinstance(arg, Constant))
+        found[gvar] = found[gvar] & constant if gvar in found else constant
+    return found
+
+
+def _transpose_constants(main: Any, relayouts: dict[Any, dict[int, tuple[int, ...]]], renamed: dict[Any, Any]) -> Any:
+    """main calling each relaid kernel by its new GlobalVar, its constant arguments transposed as the new parameter layout says."""
+    import numpy as np
+    from tvm import relax
+
+    call_tir = tvm_op("relax.call_tir")
+
+    @relax.expr_functor.mutator
+    class Transposer(relax.PyExprMutator):
+        def visit_call_(self, call: Any) -> Any:
+            call = self.visit_expr_post_order(call)
+            if not call.op.same_as(call_tir) or call.args[0] not in relayouts:
+                return call
+            fields = list(call.args[1].fields)
+            for index, order in relayouts[call.args[0]].items():
+                fields[index] = relax.const(np.ascontiguousarray(np.transpose(fields[index].value.numpy(), order)))
+            return relax.Call(call.op, [renamed[call.args[0]], relax.Tuple(fields), *call.args[2:]], call.attrs, call.ty_args)
+
+    return Transposer().visit_expr(main)
