@@ -228,3 +228,9 @@ def test_c_runtime_math_under_qemu_hexagon(tmp_path: Path) -> None:
     quotients = [(abs(int(x)) // abs(int(y))) * (1 if (x < 0) == (y < 0) else -1) for x, y in zip(ia, ib)]  # C: toward zero
     np.testing.assert_array_equal(iout[0], quotients)
     np.testing.assert_array_equal(iout[1], [int(x) - q * int(y) for x, y, q in zip(ia, ib, quotients)])
+
+
+def test_hexagon_rebuild_is_byte_identical(digits: dict, digits_int8: dict[str, api.Artifact], tmp_path: Path) -> None:
+    art = digits_int8["hexagon-v73"]
+    again = api.rebuild(art, model=digits["model"], output=tmp_path / "again", progress=False)
+    assert again.manifest["files"] == art.manifest["files"]  # model.so, run_model, driver, weights: same SHA-256

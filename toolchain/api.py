@@ -190,11 +190,12 @@ def compile(  # noqa: A001 - the toolchain's verb
     staged = staging_dir(out_path)
     try:
         with log.stage("package") as summary:
-            export_model(executable, profile, staged / MODEL_LIB)
             if profile.is_static:
                 _add_static_program(staged, executable, driver, profile)
-            elif not profile.is_host:
-                _add_device_runtime(staged, profile, log)
+            else:
+                export_model(executable, profile, staged / MODEL_LIB)
+                if not profile.is_host:
+                    _add_device_runtime(staged, profile, log)
             manifest = {
                 "schema_version": SCHEMA_VERSION,
                 "versions": _versions(),
@@ -248,15 +249,16 @@ def _add_device_runtime(folder: Path, profile: TargetProfile, log: Progress) -> 
 
 
 def _add_static_program(folder: Path, executable: Any, driver: Any, profile: TargetProfile) -> None:
-    """The static program for the emulator: generated driver, weights, C runtime, linked with the kernels."""
+    """model.so, and the static program for the emulator (generated driver, weights, C runtime)
+    linked with the same kernel object (compiled once)."""
     import tempfile
 
-    from .build import write_kernels_object
+    from .build import export_model
     from .freestanding import build_static_program
 
     with tempfile.TemporaryDirectory(prefix="socc-objects-") as tmp:
         kernels = Path(tmp) / "kernels.o"
-        write_kernels_object(executable, kernels)
+        export_model(executable, profile, folder / MODEL_LIB, keep_kernels=kernels)
         build_static_program(driver, kernels, folder, profile.cc, profile.ld, folder / RUNNER)
 
 

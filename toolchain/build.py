@@ -36,15 +36,18 @@ def codegen(mod: Any, target: Any) -> Any:
         raise BuildError(f"code generation failed: {type(exc).__name__}: {lines[-1] if lines else ''}") from exc
 
 
-def export_model(executable: Any, profile: TargetProfile, path: Path) -> None:
-    """Writes the executable as a shared library for the target (cross-linked unless host)."""
+def export_model(executable: Any, profile: TargetProfile, path: Path, keep_kernels: Path | None = None) -> None:
+    """Writes the executable as a shared library for the target (cross-linked unless host).
+
+    With `keep_kernels` (profiles linked by `ld`), the kernels' object file TVM compiled for the
+    library is also copied there, so a static program can link the same code without compiling again."""
     from tvm.support import cc
 
     try:
         if profile.is_host:
             executable.export_library(str(path))
         elif profile.ld:
-            executable.export_library(str(path), fcompile=_linker(profile.ld))
+            executable.export_library(str(path), fcompile=_linker(profile.ld, keep_kernels))
         else:
             fcompile = cc.cross_compiler(profile.cxx[0], options=list(profile.cxx[1:]))
             executable.export_library(str(path), fcompile=fcompile)
@@ -53,24 +56,24 @@ def export_model(executable: Any, profile: TargetProfile, path: Path) -> None:
         raise BuildError(f"linking model.so for {profile.name} failed: {lines[-1] if lines else exc}") from exc
 
 
-def _linker(ld: tuple[str, ...]) -> Any:
-    """An `fcompile` for export_library that links TVM's objects into a shared object with `ld` alone."""
+def _linker(ld: tuple[str, ...], keep_kernels: Path | None = None) -> Any:
+    """An `fcompile` for export_library that links TVM's objects into a shared object with `ld` alone.
+
+    TVM hands it the kernels' object and `devc.o` (the packed VM executable); with `keep_kernels`
+    the kernels' object is copied there."""
 
     def link(output: str, objects: list[str], options: Any = None) -> None:
+        if keep_kernels is not None:
+            kernels = [o for o in objects if Path(o).name != "devc.o"]
+            if len(kernels) != 1:
+                raise BuildError(f"expected one kernel object from TVM, got {[Path(o).name for o in objects]}")
+            shutil.copyfile(kernels[0], keep_kernels)
         done = subprocess.run([*ld, "-shared", "-o", output, *objects], capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise BuildError(f"{ld[0]} failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
 
     link.output_format = "so"  # type: ignore[attr-defined]
     return link
-
-
-def write_kernels_object(executable: Any, path: Path) -> None:
-    """The kernels TVM compiled (one object file, entry points `__tvm_ffi_<kernel>`)."""
-    libraries = [m for m in executable.mod.imports if m.kind == "llvm"]
-    if len(libraries) != 1:
-        raise BuildError(f"expected one compiled kernel library, found {len(libraries)}")
-    libraries[0].write_to_file(str(path))
 
 
 def kernel_instruction_counts(binary: Path, objdump: tuple[str, ...], vector_pattern: str) -> dict[str, dict[str, int]]:
