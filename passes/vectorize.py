@@ -99,17 +99,22 @@ def _vectorize_channels(sch: Any, block_rv: Any, lanes: int, constant_params: fr
     """A conv2d (NCHW) on a small image: vectors over the output channels instead of the image row.
 
     The weights are laid out [c, kh, kw, f] and the int32 accumulator [n, y, x, f], so both are
-    contiguous along f; the input element is a broadcast scalar. When every call passes the weights
+    contiguous along f; the input element is a broadcast scalar (a depthwise conv's input, which
+    varies with f, is first copied to [n, h, w, c]). When every call passes the weights
     as a constant, the kernel takes them in that layout (`relayout` records the parameter, and the
     caller's constants are transposed at compile time); otherwise the kernel copies them at its start."""
     block = sch.get(block_rv)
     loops = sch.get_loops(block_rv)
-    if not block.name_hint.startswith("conv2d_nchw") or len(loops) != 7 or len(block.reads) != 2:
+    depthwise = block.name_hint.startswith("group_conv2d_nchw")
+    if not (block.name_hint.startswith("conv2d_nchw") or depthwise) or len(loops) != 7 or len(block.reads) != 2:
         return False
     channels = _extent(sch, loops[1])
     weight = block.reads[1].source
     if channels is None or len(weight.shape) != 4 or int(weight.shape[0]) != channels:
         return False
+    data = block.reads[0].source
+    if depthwise and (_extent(sch, loops[4]) != 1 or int(data.shape[1]) != channels):
+        return False  # a depthwise conv (one input channel per output channel) reads data[n, f, ...]
     width = _vector_width(channels or 0, lanes)
     if width == 0:
         return False
@@ -123,6 +128,9 @@ def _vectorize_channels(sch: Any, block_rv: Any, lanes: int, constant_params: fr
     else:
         cache = sch.cache_read(block_rv, 1, "global")
         sch.transform_layout(cache, ("write", 0), lambda f, c, kh, kw: (c, kh, kw, f))
+    if depthwise:  # its input element varies with f too: read it from an [n, h, w, c] copy
+        copy = sch.cache_read(block_rv, 0, "global")
+        sch.transform_layout(copy, ("write", 0), lambda n, c, h, w: (n, h, w, c))
     sch.transform_layout(block_rv, ("write", 0), lambda n, f, y, x: (n, y, x, f))
     n, f, y, x, rc, ry, rx = sch.get_loops(block_rv)
     f_outer, f_inner = sch.split(f, factors=[None, width])
