@@ -188,7 +188,7 @@ def schedule_kernel(func: Any, vector_bits: int, vector_float: bool,
 
 
 class Vectorize(GraphPass):
-    """For targets with a vector unit (`vector_bits` in the profile), schedules every TIR kernel: inlines integer elementwise producers (padding, casts) into their consumers, moves each reduction's loops outside its innermost spatial loop (init hoisted) and vectorizes that loop by the vector width for the accumulator type (HVX 1024 bits: 32 x int32); elementwise kernels are fused to one loop and vectorized. Blocks with float math stay scalar where the target vectorizes no float (Hexagon under qemu)."""
+    """For targets with a vector unit (`vector_bits` in the profile), schedules every TIR kernel: inlines elementwise producers (padding, casts, the requantize chain; never a float multiply) into their consumers, moves each reduction's loops outside its innermost spatial loop (init hoisted) and vectorizes that loop by the vector width for the accumulator type (HVX 1024 bits: 32 x int32), or a conv's output channels when its rows are too short (weights relaid channels-last at compile time); elementwise kernels are fused to one loop and vectorized. Blocks with float math stay scalar where the target vectorizes no float (Hexagon under qemu)."""
 
     name = "vectorize"
 
@@ -245,12 +245,12 @@ def _with_relaid_weights(mod: Any, relayouts: dict[Any, dict[int, tuple[int, ...
 def _call_tir_sites(func: Any) -> list[Any]:
     from tvm import relax
 
-    call_tir = tvm_op("relax.call_tir")
+    call_tir = _op("relax.call_tir")
     return [b.value for block in func.body.blocks for b in block.bindings
             if isinstance(b.value, relax.Call) and b.value.op.same_as(call_tir)]
 
 
-def tvm_op(name: str) -> Any:
+def _op(name: str) -> Any:
     import tvm
 
     return tvm.ir.Op.get(name)
@@ -273,7 +273,7 @@ def _transpose_constants(main: Any, relayouts: dict[Any, dict[int, tuple[int, ..
     import numpy as np
     from tvm import relax
 
-    call_tir = tvm_op("relax.call_tir")
+    call_tir = _op("relax.call_tir")
 
     @relax.expr_functor.mutator
     class Transposer(relax.PyExprMutator):

@@ -177,7 +177,7 @@ def compile(  # noqa: A001 - the toolchain's verb
         before_vm = [p for p in selected if p.name != "lower-vm"]
         mod, records = run_passes(imported.mod, before_vm, ctx, log)
         with log.stage("driver") as summary:
-            driver, _ = generate_driver(mod)
+            driver = generate_driver(mod)
             summary.update(kernel_calls=driver.kernel_calls)
         mod, vm_records = run_passes(mod, [p for p in selected if p.name == "lower-vm"], ctx, log)
         records += vm_records

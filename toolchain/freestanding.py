@@ -37,7 +37,7 @@ def _dl_dtype(dtype: str) -> tuple[int, int]:
     if dtype == "bool":
         return _DL_CODES["bool"], 8
     kind = dtype.rstrip("0123456789")
-    if kind not in _DL_CODES or kind == "bool":
+    if kind not in _DL_CODES:
         raise UserError(f"static driver: tensor dtype {dtype} is not supported")
     return _DL_CODES[kind], int(dtype[len(kind):])
 
@@ -72,7 +72,6 @@ class Driver:
     source: str
     weights: bytes
     kernel_calls: int
-    arena_bytes: int
 
 
 class _Writer:
@@ -109,8 +108,8 @@ class _Writer:
         return self.constant_ids[key]
 
 
-def generate_driver(mod: Any) -> tuple[Driver, list[dict[str, Any]]]:
-    """C source of the static program for `mod`'s main, with its weights blob. Also the outputs' specs."""
+def generate_driver(mod: Any) -> Driver:
+    """C source of the static program for `mod`'s main, with its weights blob."""
     from tvm import relax
     from tvm.ir.expr import Constant
 
@@ -124,7 +123,6 @@ def generate_driver(mod: Any) -> tuple[Driver, list[dict[str, Any]]]:
         t.base = w.buffer("input", t.nbytes)
         env[param] = t
         inputs.append(t)
-    storages: dict[str, int] = {}
 
     def value_of(expr: Any) -> Any:
         if isinstance(expr, relax.Var):
@@ -163,10 +161,7 @@ def generate_driver(mod: Any) -> tuple[Driver, list[dict[str, Any]]]:
             return
         op_name = getattr(op, "name", type(op).__name__)
         if op_name == "relax.memory.alloc_storage":
-            size = int(value.args[0].values[0])
-            base = w.buffer("arena", size)
-            storages[base] = size
-            env[var] = base
+            env[var] = w.buffer("arena", int(value.args[0].values[0]))
         elif op_name == "relax.memory.alloc_tensor":
             base = value_of(value.args[0])
             offset = int(value.args[1].value)
@@ -189,10 +184,7 @@ def generate_driver(mod: Any) -> tuple[Driver, list[dict[str, Any]]]:
             bind(binding.var, binding.value)
     result = value_of(main.body.body)
     outputs = result if isinstance(result, list) else [result]
-    specs = [{"shape": list(t.shape), "dtype": t.dtype} for t in outputs]
-    source = _render(w, inputs, outputs)
-    arena = sum(storages.values())
-    return Driver(source, bytes(w.weights), len(w.calls), arena), specs
+    return Driver(_render(w, inputs, outputs), bytes(w.weights), len(w.calls))
 
 
 def _c_string(text: str) -> str:
