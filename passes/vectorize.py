@@ -22,8 +22,6 @@ def _is_float_multiply(block: Any) -> bool:
 
 
 def _write_bits(block: Any) -> int:
-    import tvm
-
     return max((int(region.source.dtype.bits) for region in block.writes), default=32)
 
 
@@ -75,10 +73,7 @@ def _vector_width(extent: int, lanes: int) -> int:
 
 
 def _vectorize_innermost(sch: Any, loop_rv: Any, lanes: int, outer_anchor: Any = None) -> bool:
-    """Splits `loop_rv` into vectors of `lanes` (or half that when it divides the extent) and vectorizes them.
-
-    A loop shorter than half a vector stays scalar: LLVM's Hexagon backend lowers vectors under 64
-    bytes to scalar code anyway."""
+    """Splits `loop_rv` into vectors of `_vector_width` lanes and vectorizes them; False when no width fits."""
     extent = _extent(sch, loop_rv)
     width = _vector_width(extent or 0, lanes)
     if width == 0:

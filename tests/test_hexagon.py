@@ -124,7 +124,7 @@ def test_artifact_holds_dsp_library_static_program_and_driver(digits_int8: dict[
 
 def test_vector_share_is_reported_per_kernel(digits_int8: dict[str, api.Artifact]) -> None:
     code = digits_int8["hexagon-v73"].manifest["code"]
-    assert set(code["kernels"]) >= {name for name in code["kernels"] if name.startswith("fused_conv2d")}
+    assert all(k["wrapper_instructions"] > 0 for k in code["kernels"].values())  # each body found with its entry point
     convs = [k for name, k in code["kernels"].items() if name.startswith("fused_conv2d")]
     assert len(convs) == 3 and all(k["vector_instructions"] > 0 for k in convs)  # every int8 conv has HVX code
     result = run_socc("inspect", digits_int8["hexagon-v73"].path)

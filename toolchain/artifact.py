@@ -301,10 +301,7 @@ class Artifact:
             command = [*emulator, str(runner), str(self.path / MODEL_LIB), str(out_dir), *map(str, in_files)]
             if repeat:
                 command += ["--repeat", str(repeat)]
-            proc = subprocess.run(command, capture_output=True, text=True, check=False)
-            if proc.returncode != 0:
-                last = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
-                raise ArtifactError(f"{RUNNER} under {emulator[0]} failed: {last}")
+            proc = _emulate(command)
             outputs = sorted(out_dir.glob("out_*.npy"), key=lambda p: int(p.stem.split("_")[1]))
             return [load_npy(p) for p in outputs], proc.stdout
 
@@ -317,11 +314,17 @@ class Artifact:
             for file, array in zip(in_files, arrays):
                 file.write_bytes(array.tobytes())
             out_files = [tmp_path / f"out_{i}.bin" for i in range(len(self.outputs))]
-            proc = subprocess.run([*emulator, str(program), *map(str, in_files + out_files)], capture_output=True, text=True, check=False)
-            if proc.returncode != 0:
-                last = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
-                raise ArtifactError(f"{RUNNER} under {emulator[0]} failed: {last}")
+            _emulate([*emulator, str(program), *map(str, in_files + out_files)])
             return [np.fromfile(f, dtype=spec["dtype"]).reshape(spec["shape"]) for f, spec in zip(out_files, self.outputs)]
+
+
+def _emulate(command: list[str]) -> subprocess.CompletedProcess[str]:
+    """Runs the artifact's program under its emulator (command[0]); a failure is one ArtifactError line."""
+    proc = subprocess.run(command, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        raise ArtifactError(f"{RUNNER} under {command[0]} failed: {last}")
+    return proc
 
 
 def _flatten(value: Any) -> list[np.ndarray]:

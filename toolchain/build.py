@@ -17,7 +17,7 @@ def check_toolchain(profile: TargetProfile) -> None:
     if profile.is_host:
         return
     tools = [profile.cc, profile.ld] if profile.is_static else [profile.cxx]
-    for command in tools:
+    for command in [*tools, *([profile.objdump] if profile.objdump else [])]:
         if not command or shutil.which(command[0]) is None:
             raise UserError(
                 f"target {profile.name}: compiler {command[0] if command else '(none)'} not found; "
@@ -56,6 +56,18 @@ def export_model(executable: Any, profile: TargetProfile, path: Path, keep_kerne
         raise BuildError(f"linking model.so for {profile.name} failed: {lines[-1] if lines else exc}") from exc
 
 
+def run_tool(command: list[str], what: str, cwd: Path | None = None) -> str:
+    """Runs a build tool and returns its stdout; a failure (or a tool that cannot start) is one BuildError line."""
+    try:
+        done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=False)
+    except OSError as exc:
+        raise BuildError(f"{what} failed: cannot run {command[0]}: {exc.strerror}") from None
+    if done.returncode != 0:
+        text = (done.stderr or done.stdout).strip().splitlines()
+        raise BuildError(f"{what} failed ({command[0]}): {text[0] if text else f'exit code {done.returncode}'}")
+    return done.stdout
+
+
 def _linker(ld: tuple[str, ...], keep_kernels: Path | None = None) -> Any:
     """An `fcompile` for export_library that links TVM's objects into a shared object with `ld` alone.
 
@@ -68,9 +80,7 @@ def _linker(ld: tuple[str, ...], keep_kernels: Path | None = None) -> Any:
             if len(kernels) != 1:
                 raise BuildError(f"expected one kernel object from TVM, got {[Path(o).name for o in objects]}")
             shutil.copyfile(kernels[0], keep_kernels)
-        done = subprocess.run([*ld, "-shared", "-o", output, *objects], capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise BuildError(f"{ld[0]} failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
+        run_tool([*ld, "-shared", "-o", output, *objects], "linking model.so")
 
     link.output_format = "so"  # type: ignore[attr-defined]
     return link
@@ -82,13 +92,11 @@ def kernel_instruction_counts(binary: Path, objdump: tuple[str, ...], vector_pat
 
     Counted in the disassembly of the binary that ships (`objdump`, the profile's command); an
     instruction is a vector one when it matches `vector_pattern` (HVX: `v`/`q` registers, `vmem`)."""
-    done = subprocess.run([*objdump, str(binary)], capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise BuildError(f"{objdump[0]} failed on {binary.name}: {(done.stderr or '').strip().splitlines()[-1:]}")
+    disassembly = run_tool([*objdump, str(binary)], f"disassembling {binary.name}")
     pattern = re.compile(vector_pattern)
     counts: dict[str, dict[str, int]] = {}
     current: tuple[dict[str, int], str] | None = None
-    for line in done.stdout.splitlines():
+    for line in disassembly.splitlines():
         symbol = _SYMBOL.match(line)
         if symbol:
             name = symbol.group(1)

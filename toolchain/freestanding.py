@@ -16,12 +16,12 @@ Static shapes only: a symbolic dim is refused, naming it.
 from __future__ import annotations
 
 import dataclasses
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .build import run_tool
 from .errors import BuildError, UserError
 
 RUNTIME_SOURCE = Path(__file__).resolve().parent / "runtime_src" / "hexagon_rt.c"
@@ -64,7 +64,7 @@ class _Tensor:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype if self.dtype != "bool" else "uint8").itemsize
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
 
 
 @dataclasses.dataclass
@@ -82,7 +82,6 @@ class _Writer:
         self.weights = bytearray()
         self.constant_ids: dict[Any, _Tensor] = {}
         self.calls: list[tuple[str, list[int]]] = []
-        self.kernels: list[str] = []
 
     def tensor_id(self, t: _Tensor) -> int:
         key = (t.base, t.offset, t.shape, t.dtype)
@@ -96,16 +95,25 @@ class _Writer:
         self.buffers.append((name, max(nbytes, 1)))
         return name
 
+    def buffer_tensor(self, prefix: str, shape: tuple[int, ...], dtype: str) -> _Tensor:
+        """A tensor in a static array of its own (an input or an output)."""
+        t = _Tensor("", 0, shape, dtype)
+        t.base = self.buffer(prefix, t.nbytes)
+        return t
+
+    @property
+    def kernels(self) -> list[str]:
+        return list(dict.fromkeys(kernel for kernel, _ in self.calls))
+
     def constant(self, const: Any) -> _Tensor:
-        key = const  # TVM objects hash and compare by identity
-        if key not in self.constant_ids:
+        if const not in self.constant_ids:  # TVM objects hash and compare by identity
             data = np.array(const.value.numpy(), order="C")  # not ascontiguousarray: it makes 0-d arrays 1-d
             offset = -len(self.weights) % ALIGN
             self.weights.extend(b"\0" * offset)
             start = len(self.weights)
             self.weights.extend(data.tobytes())
-            self.constant_ids[key] = _Tensor("socc_weights", start, tuple(data.shape), str(data.dtype))
-        return self.constant_ids[key]
+            self.constant_ids[const] = _Tensor("socc_weights", start, tuple(data.shape), str(data.dtype))
+        return self.constant_ids[const]
 
 
 def generate_driver(mod: Any) -> Driver:
@@ -118,11 +126,8 @@ def generate_driver(mod: Any) -> Driver:
     env: dict[Any, Any] = {}  # relax Var -> _Tensor | storage name | list (tuple)
     inputs: list[_Tensor] = []
     for param in main.params:
-        shape = _static_shape(param.ty, f"input {param.name}")
-        t = _Tensor("", 0, shape, str(param.ty.dtype))
-        t.base = w.buffer("input", t.nbytes)
-        env[param] = t
-        inputs.append(t)
+        env[param] = w.buffer_tensor("input", _static_shape(param.ty, f"input {param.name}"), str(param.ty.dtype))
+        inputs.append(env[param])
 
     def value_of(expr: Any) -> Any:
         if isinstance(expr, relax.Var):
@@ -155,8 +160,6 @@ def generate_driver(mod: Any) -> Driver:
                         raise UserError(f"static driver: kernel {op.name_hint} takes a non-tensor argument")
                     args.append(w.tensor_id(t))
             w.calls.append((op.name_hint, args))
-            if op.name_hint not in w.kernels:
-                w.kernels.append(op.name_hint)
             env[var] = None
             return
         op_name = getattr(op, "name", type(op).__name__)
@@ -167,10 +170,7 @@ def generate_driver(mod: Any) -> Driver:
             offset = int(value.args[1].value)
             env[var] = _Tensor(base, offset, _static_shape(var.ty, name), str(var.ty.dtype))
         elif op_name == "relax.builtin.alloc_tensor":
-            shape = _static_shape(var.ty, name)
-            t = _Tensor("", 0, shape, str(var.ty.dtype))
-            t.base = w.buffer("output", t.nbytes)
-            env[var] = t
+            env[var] = w.buffer_tensor("output", _static_shape(var.ty, name), str(var.ty.dtype))
         elif op_name in ("relax.memory.ensure_zero_offset", "relax.reshape", "relax.memory.view"):
             src = value_of(value.args[0])
             env[var] = _Tensor(src.base, src.offset, _static_shape(var.ty, name), str(var.ty.dtype))
@@ -275,13 +275,6 @@ def _ffi_include_dir() -> Path:
     return Path(tvm_ffi.__file__).resolve().parent / "include"
 
 
-def _run_tool(command: list[str], cwd: Path, what: str) -> None:
-    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        text = (done.stderr or done.stdout).strip().splitlines()
-        raise BuildError(f"{what} failed ({command[0]}): {text[0] if text else done.returncode}")
-
-
 def build_static_program(driver: Driver, kernels_object: Path, folder: Path, cc: tuple[str, ...], ld: tuple[str, ...], output: Path) -> None:
     """Writes the driver source, weights and C runtime into `folder`, and links the static `output`.
 
@@ -292,6 +285,6 @@ def build_static_program(driver: Driver, kernels_object: Path, folder: Path, cc:
     objects = []
     for source in (DRIVER_SOURCE, RUNTIME_SOURCE.name):
         obj = kernels_object.with_name(Path(source).stem + ".o")
-        _run_tool([*cc, f"-I{_ffi_include_dir()}", "-c", source, "-o", str(obj)], folder, f"compiling {source}")
+        run_tool([*cc, f"-I{_ffi_include_dir()}", "-c", source, "-o", str(obj)], f"compiling {source}", cwd=folder)
         objects.append(str(obj))
-    _run_tool([*ld, "-static", "-o", str(output), *objects, str(kernels_object)], folder, "linking the static program")
+    run_tool([*ld, "-static", "-o", str(output), *objects, str(kernels_object)], "linking the static program", cwd=folder)
