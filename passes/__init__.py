@@ -11,6 +11,7 @@ from .legalize import Legalize
 from .lower_calls import LowerCalls
 from .lower_vm import LowerVM
 from .memory_plan import MemoryPlan
+from .partition import Partition
 from .quantize import Quantize
 from .static_plan import StaticPlan
 from .vectorize import Vectorize
@@ -20,6 +21,8 @@ from .vectorize import Vectorize
 # storage tokens back apart and places every sized tensor in one arena, so static-plan's stats stay
 # TVM's own plan for comparison; `--skip-pass memory-plan` builds with TVM's plan alone, and
 # `--skip-pass static-plan` gives the same arena (memory-plan hands what it cannot size to TVM's planner).
+# partition (only for profiles with an accelerator unit) outlines the accelerator's subgraphs after
+# quantization, so it sees integer ops; the pipeline builds each part on its own from there.
 # quantize runs on folded constants and before fusion, whose patterns then see integer ops
 # only where they fit (generic FuseOps fuses each integer conv/matmul with its float epilogue).
 # fold-batchnorm must see R.nn.batch_norm, so it runs before decompose; fusion needs folded constants
@@ -30,6 +33,7 @@ STANDARD_PIPELINE: tuple[type[GraphPass], ...] = (
     Decompose,
     FoldConstants,
     Quantize,
+    Partition,
     Fusion,
     Legalize,
     FuseKernels,

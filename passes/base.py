@@ -25,6 +25,8 @@ class CompileContext:
     source_nodes: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     # A pre-quantized model's 4-bit matmul codes by the SHA-256 of the dequantized float weight.
     int4_weights: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # Facts of the unit `partition` places subgraphs on (ops, dtypes, max_rank, min_macs); empty: none.
+    accelerator: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     vector_float: bool = True  # False: the vector unit must not be given float math (HVX under qemu)
 
 

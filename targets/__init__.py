@@ -50,6 +50,10 @@ class TargetProfile:
     runtime: str = "tvm"
     cc: tuple[str, ...] = ()
     ld: tuple[str, ...] = ()
+    # A SoC profile's units and their facts ([units.cpu], [units.apu], [units.dsp] in TOML), and the
+    # unit the `partition` pass hands work to ("" for none): its `ops`, `dtypes`, `max_rank`, `min_macs`.
+    units: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    accelerator: str = ""
 
     @property
     def is_host(self) -> bool:
@@ -92,6 +96,21 @@ class TargetProfile:
     def is_static(self) -> bool:
         return self.runtime == "static"
 
+    @property
+    def accelerator_facts(self) -> dict[str, Any]:
+        """The facts of the unit subgraphs are partitioned to (empty: the whole model runs on the CPU)."""
+        return {"name": self.accelerator, **self.units[self.accelerator]} if self.accelerator else {}
+
+    def with_host_cpu(self) -> "TargetProfile":
+        """This SoC with the host standing in for its CPU: the same partition, built and run here.
+
+        It is how a partitioned program is verified without a phone: every part, the accelerator
+        subgraphs included, is compiled for the host CPU."""
+        host = load_profile("host")
+        return dataclasses.replace(self, name=f"{self.name}@host", triple=host.triple, cpu=host.cpu, arch=host.arch,
+                                   features=host.features, vector_bits=host.vector_bits, cxx=(), emulator=(),
+                                   android_triple="", objdump=(), vector_asm_pattern="")
+
     def summary(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -108,7 +127,10 @@ def _resolve(raw: dict[str, Any], source: str, seen: tuple[str, ...] = ()) -> Ta
         if parent in seen:
             raise UserError(f"target profile {source}: 'extends' loops through {parent!r}")
         base = dataclasses.asdict(_resolve(_read_toml(PROFILE_DIR / f"{parent}.toml"), parent, seen + (parent,)))
-        base.update(data)
+        units = {name: dict(facts) for name, facts in base["units"].items()}
+        for name, facts in data.pop("units", {}).items():  # a child's unit facts add to its parent's
+            units[name] = {**units.get(name, {}), **facts}
+        base.update(data, units=units)
         data = base
     fields = {f.name for f in dataclasses.fields(TargetProfile)}
     unknown = sorted(set(data) - fields)
@@ -117,6 +139,8 @@ def _resolve(raw: dict[str, Any], source: str, seen: tuple[str, ...] = ()) -> Ta
     for key in ("features", "cxx", "emulator", "supported_ops", "default_passes", "disabled_features", "cc", "ld", "objdump"):
         data[key] = tuple(data.get(key, ()))
     data.setdefault("family", data.get("name", source))
+    if data.get("accelerator") and data["accelerator"] not in data.get("units", {}):
+        raise UserError(f"target profile {source}: accelerator {data['accelerator']!r} has no [units.{data['accelerator']}] table")
     if data.get("runtime", "tvm") not in ("tvm", "static"):
         raise UserError(f"target profile {source}: runtime must be 'tvm' or 'static', not {data['runtime']!r}")
     try:

@@ -170,7 +170,8 @@ def compile(  # noqa: A001 - the toolchain's verb
     if calibration is not None:
         samples = calibration_source(calibration, {spec.name: spec.shape for spec in imported.inputs})
     ctx = CompileContext(tvm_target, profile.name, profile.features, profile.vector_bits, options, vector_float=profile.vector_float,
-                         calibration=samples, source_nodes=imported.nodes_by_op_type(), int4_weights=imported.int4_weights)
+                         calibration=samples, source_nodes=imported.nodes_by_op_type(), int4_weights=imported.int4_weights,
+                         accelerator=profile.accelerator_facts)
     if profile.is_static:  # the static driver reads main after the memory plan, before VM lowering
         from .freestanding import generate_driver
 

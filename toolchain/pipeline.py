@@ -56,18 +56,35 @@ def run_passes(
     ctx: CompileContext,
     progress: Progress = SILENT,
 ) -> tuple[Any, list[PassRecord]]:
+    """Runs the passes in order. After `partition` outlines subgraphs for another unit, each part
+    (CPU `main` and every subgraph) goes through the remaining passes on its own, and the parts are
+    linked into one module at the end; a record's stats are main's, each subgraph's under "parts"."""
+    from .passes.partition import merge_parts, split_parts
+
     records = []
+    parts = {"main": mod}
     for pass_type in selected:
         with progress.stage(pass_type.name) as summary:
-            try:
-                mod, stats = pass_type().run(mod, ctx)
-            except PassInputError as exc:
-                raise UserError(f"{pass_type.name}: {exc}") from None
-            except SoccError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - a TVM failure becomes one line naming the pass
-                text = str(exc).strip().splitlines()
-                raise BuildError(f"pass {pass_type.name} failed: {type(exc).__name__}: {text[-1] if text else ''}") from exc
-            summary.update({k: v for k, v in stats.items() if k in ("ops_after", "kernels_after")})
+            part_stats = {}
+            for part_name, part in parts.items():
+                parts[part_name], part_stats[part_name] = _run_one(pass_type, part, ctx)
+            stats = part_stats.pop("main")
+            if part_stats:
+                stats["parts"] = part_stats
+            summary.update({k: v for k, v in stats.items() if k in ("ops_after", "kernels_after", "subgraphs")})
         records.append(PassRecord(pass_type.name, stats, progress.seconds.get(pass_type.name, 0.0)))
-    return mod, records
+        if pass_type.name == "partition":
+            parts = split_parts(parts["main"])
+    return merge_parts(parts), records
+
+
+def _run_one(pass_type: type[GraphPass], mod: Any, ctx: CompileContext) -> tuple[Any, dict[str, Any]]:
+    try:
+        return pass_type().run(mod, ctx)
+    except PassInputError as exc:
+        raise UserError(f"{pass_type.name}: {exc}") from None
+    except SoccError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a TVM failure becomes one line naming the pass
+        text = str(exc).strip().splitlines()
+        raise BuildError(f"pass {pass_type.name} failed: {type(exc).__name__}: {text[-1] if text else ''}") from exc
