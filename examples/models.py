@@ -420,3 +420,39 @@ def unsupported_op_model(path: str | os.PathLike) -> Path:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="socc-examples")
     onnx.checker.check_model(model, full_check=True)
     return _save(model, path)
+
+
+def conv_gelu_conv(path: str | os.PathLike, *, channels: int = 32, size: int = 32) -> Path:
+    """image float32 [1, 16, size, size] -> Conv 3x3 -> GELU written with Erf (node "erf_0") -> Conv 3x3 -> y.
+
+    Each conv does channels * 16 * 9 * size^2 multiply-accumulates (4.7M at the defaults); Erf is
+    an op NNAPI (so MediaTek's APU) does not have, so a partition puts it on the CPU alone.
+    """
+    rng = np.random.default_rng(0)
+    weights = [
+        numpy_helper.from_array((rng.standard_normal((channels, 16, 3, 3)) / 12).astype(np.float32), "w0"),
+        numpy_helper.from_array((rng.standard_normal(channels) / 10).astype(np.float32), "b0"),
+        numpy_helper.from_array((rng.standard_normal((16, channels, 3, 3)) / 17).astype(np.float32), "w1"),
+        numpy_helper.from_array(np.array(2 ** -0.5, dtype=np.float32), "inv_sqrt2"),
+        numpy_helper.from_array(np.array(1.0, dtype=np.float32), "one"),
+        numpy_helper.from_array(np.array(0.5, dtype=np.float32), "half"),
+    ]
+    node = helper.make_node
+    nodes = [
+        node("Conv", ["image", "w0", "b0"], ["c0"], name="conv_0", pads=[1, 1, 1, 1]),
+        node("Mul", ["c0", "inv_sqrt2"], ["scaled"], name="scale_0"),
+        node("Erf", ["scaled"], ["e"], name="erf_0"),
+        node("Add", ["e", "one"], ["e1"], name="add_one_0"),
+        node("Mul", ["c0", "e1"], ["ce"], name="mul_0"),
+        node("Mul", ["ce", "half"], ["g"], name="half_0"),
+        node("Conv", ["g", "w1"], ["y"], name="conv_1", pads=[1, 1, 1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes, "conv_gelu_conv",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 16, size, size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, size, size])],
+        weights,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="socc-examples")
+    onnx.checker.check_model(model, full_check=True)
+    return _save(model, path)

@@ -33,8 +33,8 @@ def count_kernels(mod: Any) -> int:
     return sum(1 for _, func in mod.functions_items() if isinstance(func, tirx.PrimFunc))
 
 
-def constant_bytes(mod: Any, function: str = "main") -> int:
-    """Bytes of the constants (weights) a Relax function holds."""
+def constant_bytes(mod: Any, function: str | None = None) -> int:
+    """Bytes of the constants (weights) a Relax function holds (None: all of the module's)."""
     import tvm
     from tvm import relax
 
@@ -46,7 +46,9 @@ def constant_bytes(mod: Any, function: str = "main") -> int:
             data = expr.value
             total += int(np.prod(data.shape, dtype=np.int64)) * np.dtype(str(data.dtype)).itemsize
 
-    relax.analysis.post_order_visit(mod[function], visit)
+    functions = [mod[function]] if function else [f for _, f in mod.functions_items() if isinstance(f, relax.Function)]
+    for func in functions:
+        relax.analysis.post_order_visit(func, visit)
     return total
 
 

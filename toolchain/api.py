@@ -36,6 +36,7 @@ def compile(  # noqa: A001 - the toolchain's verb
     target: str | TargetProfile = "host",
     output: str | Path | None = None,
     *,
+    profile: str | Path | None = None,
     shape: Mapping[str, Sequence[int]] | Sequence[str] | None = None,
     no_simplify: bool = False,
     passes: Sequence[str] | None = None,
@@ -65,7 +66,8 @@ def compile(  # noqa: A001 - the toolchain's verb
 ) -> Artifact:
     """Compiles an ONNX file for a target profile into an artifact folder (and `.tar.gz` with archive).
 
-    `output` defaults to `<model stem>.<target>` beside the model. Nothing is written unless
+    `profile` is a target profile TOML of the user's (it may `extends` a shipped one), in place of
+    `target`. `output` defaults to `<model stem>.<target>` beside the model. Nothing is written unless
     the whole build succeeds; the folder appears in one rename. `max_shape` bounds symbolic dims
     (e.g. {"sequence": 512}) so the memory plan covers them; `max_memory` (bytes) refuses a build
     whose weights + activation arena exceed it. With `isolate`, the build runs in
@@ -80,6 +82,10 @@ def compile(  # noqa: A001 - the toolchain's verb
     `max_accuracy_drop` (int8) keeps the most sensitive layers in float until the calibration
     set's mean 1 - cosine against float is within it.
     """
+    if profile is not None:
+        if target not in ("host", profile, str(profile)):
+            raise UserError("give --target or --profile, not both")
+        target = str(profile)
     quantize_options = {
         "quantize": quantize,
         "calibration": calibration_description(calibration),
@@ -118,7 +124,7 @@ def compile(  # noqa: A001 - the toolchain's verb
         return artifact
     from .build import check_toolchain, codegen, export_model
     from .importer import Limits, import_onnx, parse_shape_options
-    from .report import memory_section, quantization_section, write_report
+    from .report import memory_section, placement_section, quantization_section, write_report
     from .passes import CompileContext
     from .pipeline import check_fusion_names, run_passes, select_passes
 
@@ -214,6 +220,7 @@ def compile(  # noqa: A001 - the toolchain's verb
                 "passes": [{"name": r.name, "stats": r.stats} for r in records],
                 "memory": memory,
                 "quantization": quantization_section(records, memory),
+                "placement": placement_section(records, profile.units, profile.accelerator),
             }
             if profile.objdump:
                 from .build import kernel_instruction_counts

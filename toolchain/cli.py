@@ -52,6 +52,7 @@ def cli(debug: bool) -> None:
 @cli.command("compile")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--target", "-t", default="host", show_default=True, help="Target profile name (see `socc targets`) or a .toml file.")
+@click.option("--profile", type=click.Path(path_type=Path), help="A target profile of yours (.toml; may `extends` a shipped one), instead of --target.")
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="Artifact folder (default: MODEL_STEM.TARGET beside the model).")
 @click.option("--shape", multiple=True, metavar="NAME=D1,D2", help="Fix an input's shape, e.g. input_ids=1,128. Repeatable.")
 @click.option("--no-simplify", is_flag=True, help="Skip onnxsim simplification.")
@@ -81,7 +82,7 @@ def cli(debug: bool) -> None:
 @click.option("--int8-embeddings", is_flag=True, help="With int4-weight: embedding tables int8 per row instead of int4.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
 @json_option
-def compile_command(model: Path, target: str, output: Path | None, shape: tuple[str, ...], no_simplify: bool,
+def compile_command(model: Path, target: str, profile: Path | None, output: Path | None, shape: tuple[str, ...], no_simplify: bool,
                     passes: tuple[str, ...], skip_pass: tuple[str, ...], skip_fusion: tuple[str, ...], abi: str, cc: str | None, archive: bool,
                     verify_after: bool, max_shape: tuple[str, ...], max_memory: str | None, max_model_size: str, max_tensor_elements: int, isolate: bool, timeout: float, build_memory: str, quiet: bool,
                     as_json: bool, exclude_op_type: tuple[str, ...], exclude_node: tuple[str, ...], group_size: str,
@@ -89,7 +90,7 @@ def compile_command(model: Path, target: str, output: Path | None, shape: tuple[
     """Compile MODEL (.onnx) for a target into an artifact folder."""
     _state["json"] = as_json
     artifact = api.compile(
-        model, target, output, shape=list(shape), no_simplify=no_simplify,
+        model, target, output, profile=profile, shape=list(shape), no_simplify=no_simplify,
         passes=_split_commas(passes) if passes else None, skip_pass=_split_commas(skip_pass),
         skip_fusion=_split_commas(skip_fusion),
         abi=abi, cc=cc, archive=archive, progress=not quiet,
@@ -167,15 +168,22 @@ def verify_command(artifact: Path, inputs_path: Path | None, model: Path | None,
 
 
 @cli.command("targets")
+@click.option("--profile", "profile_files", multiple=True, type=click.Path(path_type=Path), help="Also list a profile of yours (.toml). Repeatable.")
 @json_option
-def targets_command(as_json: bool) -> None:
-    """List target profiles and their features."""
-    from .targets import all_profiles
+def targets_command(profile_files: tuple[Path, ...], as_json: bool) -> None:
+    """List target profiles: SoCs with their units, and the units' own profiles."""
+    from .targets import all_profiles, load_profile
 
     _state["json"] = as_json
-    profiles = all_profiles()
-    rows = [f"{'name':<14}{'triple':<20}{'cpu':<12}{'vector':>7}  features"]
-    rows += [f"{p.name:<14}{p.triple:<20}{p.cpu:<12}{p.vector_bits:>7}  {','.join(p.features) or '(detected)'}" for p in profiles]
+    profiles = all_profiles() + [load_profile(path) for path in profile_files]
+    rows = [f"{'name':<20}{'triple':<19}{'cpu':<13}{'vector':>6}  {'units':<14}features"]
+    for p in profiles:
+        units = "+".join(p.units) if p.units else "cpu" if not p.triple.startswith("hexagon") else "dsp"
+        rows.append(f"{p.name:<20}{p.triple:<19}{p.cpu:<13}{p.vector_bits:>6}  {units:<14}{','.join(p.features) or '(detected)'}")
+        for unit, facts in p.units.items():
+            shown = ", ".join(f"{k}={'/'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in facts.items() if k != "ops")
+            ops = f", {len(facts['ops'])} ops" if "ops" in facts else ""
+            rows.append(f"{'':<20}  {unit}: {shown}{ops}")
     _emit({"targets": [p.summary() for p in profiles]}, "\n".join(rows))
 
 
@@ -222,6 +230,7 @@ def inspect_command(artifact: Path, as_json: bool) -> None:
                      + " ".join(f"{k}={v}" for k, v in quant["layers_by_mode"].items()))
         lines += [f"layer    {q['name']:<40}{q['mode']}" for q in quant["quantized"]]
         lines += [f"layer    {q['name']:<40}float: {q['reason']}" for q in quant["kept_float"]]
+    lines += _placement_lines(m.get("placement", {}))
     if "code" in m:
         code = m["code"]
         lines.append(f"code     {code['instructions']} instructions in kernel bodies, {code['vector_share']:.1%} vector")
@@ -229,6 +238,21 @@ def inspect_command(artifact: Path, as_json: bool) -> None:
                   for name, k in code["kernels"].items()]
     lines += [f"file     {name:<28}{f['size']:>12}  {f['sha256'][:16]}" for name, f in m["files"].items()]
     _emit(m, "\n".join(lines))
+
+
+def _placement_lines(placement: dict[str, Any]) -> list[str]:
+    """The partition: the share of ops and MACs on the accelerator, each subgraph, what stayed on the CPU."""
+    lines = []
+    if placement.get("unit"):
+        lines.append(f"place    {placement['unit']}: {placement['subgraphs']} subgraphs, "
+                     f"ops {placement['op_share']:.1%} ({placement['ops_on_unit']}/{placement['ops_total']}), "
+                     f"MACs {placement['mac_share']:.1%} ({placement['macs_on_unit']}/{placement['macs_total']})")
+        lines += [f"subgraph {g['name']:<24}{g['op_count']:>5} ops  in {len(g['inputs'])} out {len(g['outputs'])} "
+                  f"crossing {g['crossing_bytes']} bytes" for g in placement["map"]]
+        lines += [f"cpu      {op:<24}" + ", ".join(f"{n}x {why}" for why, n in reasons.items())
+                  for op, reasons in placement["cpu_ops"].items()]
+    lines += [f"unused   {unit}: {why}" for unit, why in placement.get("units_not_used", {}).items()]
+    return lines
 
 
 def _fused_group_lines(groups: Any) -> list[str]:

@@ -19,6 +19,9 @@ def memory_section(mod: Any, records: Sequence[PassRecord], budget_bytes: int | 
     plan = next((r.stats for r in records if r.name == "memory-plan" and "arena_bytes" in r.stats), None)
     static = next((r.stats for r in records if r.name == "static-plan"), {})
     arena = plan["arena_bytes"] if plan else static.get("planned_bytes", 0)
+    # a partitioned program: each subgraph planned its own arena; counted on top of main's (an upper bound)
+    parts = {name: stats.get("arena_bytes", 0) for name, stats in (plan or {}).get("parts", {}).items()}
+    arena += sum(parts.values())
     section = {
         "planner": "socc memory-plan" if plan else ("tvm static-plan" if static else "none"),
         "weights_bytes": weights,
@@ -27,6 +30,8 @@ def memory_section(mod: Any, records: Sequence[PassRecord], budget_bytes: int | 
         "tvm_default_bytes": plan["tvm_default_bytes"] if plan else static.get("planned_bytes"),
         "peak_bytes": weights + arena,
     }
+    if parts:
+        section["subgraph_arena_bytes"] = parts
     if plan and plan.get("bounded_dims"):
         section["bounded_dims"] = plan["bounded_dims"]
     if plan and plan.get("unplanned_dynamic"):
@@ -53,6 +58,23 @@ def quantization_section(records: Sequence[PassRecord], memory: dict[str, Any]) 
     section["kept_float"] = [{"name": layer["name"], "op_type": layer["op_type"], "reason": layer["reason"]}
                              for layer in stats["layers"] if layer["mode"] == "float"]
     section["quantized"] = [layer for layer in stats["layers"] if layer["mode"] != "float"]
+    return section
+
+
+def placement_section(records: Sequence[PassRecord], units: dict[str, dict[str, Any]], accelerator: str) -> dict[str, Any]:
+    """The manifest's `placement` section: which unit runs which part (the partition map), and the
+    SoC's units that this build leaves unused, with the profile's reason."""
+    stats = next((r.stats for r in records if r.name == "partition"), {})
+    section: dict[str, Any] = {"accelerator": accelerator or None}
+    if stats.get("unit"):
+        section.update({key: value for key, value in stats.items() if key not in ("parts", "note")})
+    elif stats.get("note"):
+        section["note"] = stats["note"]
+    unused = {name: facts["offload"] for name, facts in units.items() if "offload" in facts}
+    if accelerator and not stats.get("subgraphs"):
+        unused[accelerator] = stats.get("note", "no subgraph worth a dispatch: the whole model runs on the CPU")
+    if unused:
+        section["units_not_used"] = unused
     return section
 
 
