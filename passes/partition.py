@@ -389,16 +389,32 @@ def merge_parts(parts: Mapping[str, Any]) -> Any:
     import tvm
     from tvm import relax, tirx
 
+    import tvm_ffi
+
     main_mod = parts["main"]
     if len(parts) == 1:
         return main_mod
     kept = {gv: f for gv, f in main_mod.functions_items() if gv.name_hint == "main" or gv.name_hint not in parts}
     builder = relax.BlockBuilder(tvm.IRModule(kept, attrs=main_mod.attrs, global_infos=main_mod.global_infos))
+    # kernels equal across parts (the same layer shape in several subgraphs) are compiled once
+    shared: dict[int, list[tuple[Any, Any]]] = {}
+    for gv, func in kept.items():
+        if isinstance(func, tirx.PrimFunc):
+            shared.setdefault(_kernel_hash(func), []).append((func, gv))
+
+    def add_kernel(func: Any, name: str) -> Any:
+        key = _kernel_hash(func)
+        for known, gv in shared.get(key, []):
+            if tvm_ffi.structural_equal(known.without_attr("global_symbol"), func.without_attr("global_symbol")):
+                return gv
+        gv = builder.add_func(func.with_attr("global_symbol", name), name)
+        shared.setdefault(key, []).append((func, gv))
+        return gv
+
     for name, part in parts.items():
         if name == "main":
             continue
-        rename = {gv: builder.add_func(f.with_attr("global_symbol", f"{name}__{gv.name_hint}"), f"{name}__{gv.name_hint}")
-                  for gv, f in part.functions_items() if isinstance(f, tirx.PrimFunc)}
+        rename = {gv: add_kernel(f, f"{name}__{gv.name_hint}") for gv, f in part.functions_items() if isinstance(f, tirx.PrimFunc)}
         func = _rename_globals(part["main"], rename).with_attr("global_symbol", name)
         builder.add_func(func, name)
     merged = builder.get()
@@ -406,6 +422,12 @@ def merge_parts(parts: Mapping[str, Any]) -> Any:
     calls = {main_mod.get_global_var(name): merged.get_global_var(name) for name in parts if name != "main"}
     merged.update_func(merged.get_global_var("main"), _rename_globals(main, calls))
     return relax.transform.DeadCodeElimination(["main"])(merged)
+
+
+def _kernel_hash(func: Any) -> int:
+    import tvm_ffi
+
+    return int(tvm_ffi.structural_hash(func.without_attr("global_symbol")))
 
 
 def _rename_globals(func: Any, rename: Mapping[Any, Any]) -> Any:
