@@ -49,6 +49,7 @@ def test_cnn_int8_for_dimensity_9300(mobilenet: Path, cnn_calibration: Path, tmp
     placement = _placement(parted)
     _check_map_complete(placement)
     assert placement["mac_share"] >= 0.9
+    assert placement["subgraphs_built_for"] == "cpu" and "relax.ext.nnapi" in placement["why"]
     assert placement["map"][0]["ops"]["nn.conv2d"] == 52  # every conv of MobileNetV2-0.5 on the APU
     assert "partition" not in [p["name"] for p in whole.manifest["passes"] if p["stats"].get("subgraphs")]
     rng = np.random.default_rng(1)

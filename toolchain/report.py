@@ -61,6 +61,10 @@ def quantization_section(records: Sequence[PassRecord], memory: dict[str, Any]) 
     return section
 
 
+NO_NNAPI_CODEGEN = ("this TVM build has no NNAPI codegen (relax.ext.nnapi is not in the apache-tvm wheel), so the "
+                    "APU subgraphs are compiled for the CPU into model.so, each called as its own function")
+
+
 def placement_section(records: Sequence[PassRecord], units: dict[str, dict[str, Any]], accelerator: str) -> dict[str, Any]:
     """The manifest's `placement` section: which unit runs which part (the partition map), and the
     SoC's units that this build leaves unused, with the profile's reason."""
@@ -68,6 +72,8 @@ def placement_section(records: Sequence[PassRecord], units: dict[str, dict[str, 
     section: dict[str, Any] = {"accelerator": accelerator or None}
     if stats.get("unit"):
         section.update({key: value for key, value in stats.items() if key not in ("parts", "note")})
+        section["subgraphs_built_for"] = "cpu"
+        section["why"] = NO_NNAPI_CODEGEN
     elif stats.get("note"):
         section["note"] = stats["note"]
     unused = {name: facts["offload"] for name, facts in units.items() if "offload" in facts}
