@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .apply_tuning import ApplyTuning
 from .base import CompileContext, GraphPass, TvmPhase
 from .decompose import Decompose
 from .fold_constants import FoldConstants
@@ -23,6 +24,8 @@ from .vectorize import Vectorize
 # `--skip-pass static-plan` gives the same arena (memory-plan hands what it cannot size to TVM's planner).
 # partition (only for profiles with an accelerator unit) outlines the accelerator's subgraphs after
 # quantization, so it sees integer ops; the pipeline builds each part on its own from there.
+# apply-tuning (after fuse-kernels: the kernels `socc tune` measured are exactly these) schedules
+# kernels from tuning records; vectorize leaves a tuned kernel alone.
 # quantize runs on folded constants and before fusion, whose patterns then see integer ops
 # only where they fit (generic FuseOps fuses each integer conv/matmul with its float epilogue).
 # fold-batchnorm must see R.nn.batch_norm, so it runs before decompose; fusion needs folded constants
@@ -37,6 +40,7 @@ STANDARD_PIPELINE: tuple[type[GraphPass], ...] = (
     Fusion,
     Legalize,
     FuseKernels,
+    ApplyTuning,
     Vectorize,
     LowerCalls,
     StaticPlan,

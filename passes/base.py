@@ -27,6 +27,8 @@ class CompileContext:
     int4_weights: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     # Facts of the unit `partition` places subgraphs on (ops, dtypes, max_rank, min_macs); empty: none.
     accelerator: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # MetaSchedule database folders, searched in order (`apply-tuning`); empty: no tuning records.
+    tuning_databases: tuple[str, ...] = ()
     vector_float: bool = True  # False: the vector unit must not be given float math (HVX under qemu)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .apply_tuning import is_scheduled
 from .base import CompileContext, GraphPass
 
 
@@ -200,6 +201,9 @@ class Vectorize(GraphPass):
             if not isinstance(func, tirx.PrimFunc):
                 continue
             totals["kernels"] += 1
+            if is_scheduled(func):  # tuned: its recorded schedule stays as measured
+                totals["tuned_kept"] = totals.get("tuned_kept", 0) + 1
+                continue
             try:
                 scheduled, stats, relayout = schedule_kernel(func, ctx.vector_bits, ctx.vector_float, constants.get(gvar, frozenset()))
             except Exception:  # noqa: BLE001 - a kernel the schedule cannot handle keeps TVM's default

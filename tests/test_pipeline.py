@@ -17,7 +17,7 @@ def names(passes: list) -> list[str]:
 
 def test_standard_order() -> None:
     assert names(select_passes()) == ["fold-batchnorm", "decompose", "fold-constants", "quantize", "partition", "fusion", "legalize",
-                                     "fuse-kernels", "vectorize",
+                                     "fuse-kernels", "apply-tuning", "vectorize",
                                      "lower-calls", "static-plan", "memory-plan", "lower-vm"]
 
 

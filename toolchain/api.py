@@ -63,6 +63,7 @@ def compile(  # noqa: A001 - the toolchain's verb
     weight_scheme: str = "asymmetric",
     int8_embeddings: bool = False,
     max_accuracy_drop: float | None = None,
+    tuning_db: str | Path | None = None,
 ) -> Artifact:
     """Compiles an ONNX file for a target profile into an artifact folder (and `.tar.gz` with archive).
 
@@ -81,23 +82,16 @@ def compile(  # noqa: A001 - the toolchain's verb
     `group_size` along the reduction. `exclude_op_type` / `exclude_node` keep layers in float;
     `max_accuracy_drop` (int8) keeps the most sensitive layers in float until the calibration
     set's mean 1 - cosine against float is within it.
+
+    Kernels with a tuning record (`tune`) are scheduled from it: records socc ships for the
+    profile, then those in `tuning_db` (default: the user's cache, ~/.cache/socc/tuning).
     """
     if profile is not None:
         if target not in ("host", profile, str(profile)):
             raise UserError("give --target or --profile, not both")
         target = str(profile)
-    quantize_options = {
-        "quantize": quantize,
-        "calibration": calibration_description(calibration),
-        "calibrate_method": calibrate_method,
-        "activation_dtype": activation_dtype,
-        "exclude_op_type": sorted(exclude_op_type),
-        "exclude_node": sorted(exclude_node),
-        "group_size": group_size,
-        "weight_scheme": weight_scheme,
-        "int8_embeddings": int8_embeddings,
-        "max_accuracy_drop": max_accuracy_drop,
-    }
+    quantize_options = _quantize_options(quantize, calibration, calibrate_method, activation_dtype, exclude_op_type, exclude_node,
+                                         group_size, weight_scheme, int8_embeddings, max_accuracy_drop)
     if isolate:
         from .artifact import sweep_staging
         from .isolate import compile_in_child
@@ -110,7 +104,7 @@ def compile(  # noqa: A001 - the toolchain's verb
                       max_shape=parse_dim_values(max_shape, "--max-shape"), max_memory=max_memory,
                       max_model_size=max_model_size, max_tensor_elements=max_tensor_elements,
                       progress=progress.enabled if isinstance(progress, Progress) else bool(progress),
-                      **quantize_options)
+                      tuning_db=None if tuning_db is None else str(tuning_db), **quantize_options)
         if calibration is not None and not isinstance(calibration, (str, Path)):
             raise UserError("calibration from a Python iterable needs isolate=False (or save it as .npz and pass the path)")
         kwargs["calibration"] = None if calibration is None else str(calibration)
@@ -123,9 +117,8 @@ def compile(  # noqa: A001 - the toolchain's verb
         artifact.timings = result["seconds"]
         return artifact
     from .build import check_toolchain, codegen, export_model
-    from .importer import Limits, import_onnx, parse_shape_options
+    from .importer import Limits, parse_shape_options
     from .report import memory_section, placement_section, quantization_section, write_report
-    from .passes import CompileContext
     from .pipeline import check_fusion_names, run_passes, select_passes
 
     log = progress if isinstance(progress, Progress) else Progress(enabled=bool(progress))
@@ -151,33 +144,13 @@ def compile(  # noqa: A001 - the toolchain's verb
         "archive": archive,
         "max_shape": dict(sorted(parse_dim_values(max_shape, "--max-shape").items())),
         "max_memory": max_memory,
+        "tuning_db": None if tuning_db is None else str(tuning_db),
         **quantize_options,
     }
 
-    imported = import_onnx(
-        model_path,
-        shape=shapes,
-        simplify_model=not no_simplify,
-        allowed_ops=profile.supported_ops,
-        limits=limits,
-        progress=log,
-    )
-
-    if profile.is_static:
-        dynamic = [f"{spec.name}[{axis}]={dim}" for spec in imported.inputs for axis, dim in enumerate(spec.shape) if not isinstance(dim, int)]
-        if dynamic:
-            raise UserError(f"target {profile.name} builds a static program: fix the dynamic dims {', '.join(dynamic)} with --shape NAME=D1,D2")
-
-    import tvm
-
+    imported, ctx = _import_with_context(model_path, profile, shapes, limits, no_simplify, calibration, options, log, tuning_db)
     target_json = profile.tvm_target_json()
-    tvm_target = tvm.target.Target(target_json)
-    samples = None
-    if calibration is not None:
-        samples = calibration_source(calibration, {spec.name: spec.shape for spec in imported.inputs})
-    ctx = CompileContext(tvm_target, profile.name, profile.features, profile.vector_bits, options, vector_float=profile.vector_float,
-                         calibration=samples, source_nodes=imported.nodes_by_op_type(), int4_weights=imported.int4_weights,
-                         accelerator=profile.accelerator_facts)
+    tvm_target = ctx.target
     if profile.is_static:  # the static driver reads main after the memory plan, before VM lowering
         from .freestanding import generate_driver
 
@@ -241,6 +214,85 @@ def compile(  # noqa: A001 - the toolchain's verb
     artifact = Artifact.load(out_path)
     artifact.timings = dict(log.seconds)
     return artifact
+
+
+def tune(
+    model: str | Path,
+    target: str | TargetProfile = "host",
+    tuning_db: str | Path | None = None,
+    *,
+    shape: Mapping[str, Sequence[int]] | Sequence[str] | None = None,
+    no_simplify: bool = False,
+    trials: int = 64,
+    time_budget: float = 600.0,
+    quantize: str | None = None,
+    calibration: str | Path | Iterable[Mapping[str, Any]] | None = None,
+    calibrate_method: str = "mse",
+    activation_dtype: str = "uint8",
+    progress: bool | Progress = True,
+) -> dict[str, Any]:
+    """Tunes the kernels a compile of `model` for `target` would build (MetaSchedule, measured on this
+    machine: host only), `trials` in all, stopping after `time_budget` seconds. The records go to
+    `tuning_db` (default: the user's cache) and later `compile` calls with the same options use them."""
+    from .importer import Limits, parse_shape_options
+    from .pipeline import run_passes, select_passes
+    from .tuning import cost_model, tune_kernels, user_database_root
+
+    log = progress if isinstance(progress, Progress) else Progress(enabled=bool(progress))
+    profile = resolve_target(target)
+    if not profile.is_host:
+        raise UserError(f"socc tune measures kernels on this machine; {profile.name} code cannot run here (no device): tune for host")
+    if trials < 1 or time_budget <= 0:
+        raise UserError("--trials must be >= 1 and --time-budget > 0")
+    shapes = parse_shape_options(shape, Limits(MAX_MODEL_BYTES, MAX_TENSOR_ELEMENTS))
+    options = {"shape": {k: list(v) for k, v in sorted(shapes.items())}, "max_shape": {},
+               **_quantize_options(quantize, calibration, calibrate_method, activation_dtype)}
+    imported, ctx = _import_with_context(Path(model), profile, shapes, Limits(MAX_MODEL_BYTES, MAX_TENSOR_ELEMENTS), no_simplify,
+                                         calibration, options, log, tuning_db)
+    selected = select_passes(profile.default_passes)
+    before = selected[: [p.name for p in selected].index("apply-tuning")]
+    mod, _ = run_passes(imported.mod, before, ctx, log)
+    folder = user_database_root(tuning_db) / profile.name
+    kernels = tune_kernels(mod, ctx.target, folder, trials, time_budget, log)
+    return {"database": str(folder), "target": profile.name, "kernels": [k.to_json() for k in kernels],
+            "tuned": sum(k.best_ms is not None for k in kernels), "cost_model": cost_model(),
+            "note": "measured on this machine (host); cross targets are not tuned here"}
+
+
+def _quantize_options(quantize: str | None = None, calibration: Any = None, calibrate_method: str = "mse",
+                      activation_dtype: str = "uint8", exclude_op_type: Sequence[str] = (), exclude_node: Sequence[str] = (),
+                      group_size: int = 32, weight_scheme: str = "asymmetric", int8_embeddings: bool = False,
+                      max_accuracy_drop: float | None = None) -> dict[str, Any]:
+    """The quantize pass's options as the manifest records them (defaults = compile's)."""
+    return {"quantize": quantize, "calibration": calibration_description(calibration), "calibrate_method": calibrate_method,
+            "activation_dtype": activation_dtype, "exclude_op_type": sorted(exclude_op_type), "exclude_node": sorted(exclude_node),
+            "group_size": group_size, "weight_scheme": weight_scheme, "int8_embeddings": int8_embeddings,
+            "max_accuracy_drop": max_accuracy_drop}
+
+
+def _import_with_context(model_path: Path, profile: TargetProfile, shapes: Mapping[str, Any], limits: Any, no_simplify: bool,
+                         calibration: Any, options: dict[str, Any], log: Progress, tuning_db: str | Path | None) -> tuple[Any, Any]:
+    """The imported model and the pass context for a profile (what compile and tune share)."""
+    import tvm
+
+    from .importer import import_onnx
+    from .passes import CompileContext
+    from .tuning import database_folders
+
+    imported = import_onnx(model_path, shape=shapes, simplify_model=not no_simplify, allowed_ops=profile.supported_ops,
+                           limits=limits, progress=log)
+    if profile.is_static:
+        dynamic = [f"{spec.name}[{axis}]={dim}" for spec in imported.inputs for axis, dim in enumerate(spec.shape) if not isinstance(dim, int)]
+        if dynamic:
+            raise UserError(f"target {profile.name} builds a static program: fix the dynamic dims {', '.join(dynamic)} with --shape NAME=D1,D2")
+    samples = None
+    if calibration is not None:
+        samples = calibration_source(calibration, {spec.name: spec.shape for spec in imported.inputs})
+    ctx = CompileContext(tvm.target.Target(profile.tvm_target_json()), profile.name, profile.features, profile.vector_bits, options,
+                         vector_float=profile.vector_float, calibration=samples, source_nodes=imported.nodes_by_op_type(),
+                         int4_weights=imported.int4_weights, accelerator=profile.accelerator_facts,
+                         tuning_databases=database_folders(profile.name, tuning_db))
+    return imported, ctx
 
 
 def _add_device_runtime(folder: Path, profile: TargetProfile, log: Progress) -> None:
@@ -309,6 +361,7 @@ def rebuild(
         abi=options["abi"],
         cc=options["cc"],
         archive=options.get("archive", False),
+        tuning_db=options.get("tuning_db"),
         progress=progress,
         **_rebuild_quantize_options(options),
     )
@@ -359,4 +412,4 @@ def verify(
     return verify_artifact(art, model=model, inputs=inputs, dim=dim, rtol=rtol, seed=seed, min_cosine=min_cosine, labels=labels)
 
 
-__all__ = ["compile", "load", "rebuild", "run", "verify", "Artifact", "VerifyReport", "UserError"]
+__all__ = ["compile", "tune", "load", "rebuild", "run", "verify", "Artifact", "VerifyReport", "UserError"]

@@ -80,17 +80,18 @@ def cli(debug: bool) -> None:
 @click.option("--weight-scheme", type=click.Choice(["symmetric", "asymmetric"]), default="asymmetric", show_default=True, help="int4 weights: per-group zero points (asymmetric) or symmetric.")
 @click.option("--max-accuracy-drop", type=float, help="int8: keep the most sensitive layers float until 1 - cosine vs float on the calibration set is within this.")
 @click.option("--int8-embeddings", is_flag=True, help="With int4-weight: embedding tables int8 per row instead of int4.")
+@click.option("--tuning-db", type=click.Path(path_type=Path), help="Tuning records folder (`socc tune`); default ~/.cache/socc/tuning.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
 @json_option
 def compile_command(model: Path, target: str, profile: Path | None, output: Path | None, shape: tuple[str, ...], no_simplify: bool,
                     passes: tuple[str, ...], skip_pass: tuple[str, ...], skip_fusion: tuple[str, ...], abi: str, cc: str | None, archive: bool,
                     verify_after: bool, max_shape: tuple[str, ...], max_memory: str | None, max_model_size: str, max_tensor_elements: int, isolate: bool, timeout: float, build_memory: str, quiet: bool,
-                    as_json: bool, exclude_op_type: tuple[str, ...], exclude_node: tuple[str, ...], group_size: str,
+                    as_json: bool, exclude_op_type: tuple[str, ...], exclude_node: tuple[str, ...], group_size: str, tuning_db: Path | None,
                     **quantize_options: Any) -> None:
     """Compile MODEL (.onnx) for a target into an artifact folder."""
     _state["json"] = as_json
     artifact = api.compile(
-        model, target, output, profile=profile, shape=list(shape), no_simplify=no_simplify,
+        model, target, output, profile=profile, tuning_db=tuning_db, shape=list(shape), no_simplify=no_simplify,
         passes=_split_commas(passes) if passes else None, skip_pass=_split_commas(skip_pass),
         skip_fusion=_split_commas(skip_fusion),
         abi=abi, cc=cc, archive=archive, progress=not quiet,
@@ -127,6 +128,33 @@ def rebuild_command(artifact: Path, model: Path | None, output: Path | None, qui
     same = art.manifest == before
     _emit({"ok": True, "artifact": str(art.path), "identical": same},
           f"rebuilt {art.path}: {'byte-identical to the previous build' if same else 'differs from the previous build (versions or source changed)'}")
+
+
+@cli.command("tune")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--target", "-t", default="host", show_default=True, help="Target profile (tuning measures here: host).")
+@click.option("--tuning-db", type=click.Path(path_type=Path), help="Where the records go; default ~/.cache/socc/tuning.")
+@click.option("--shape", multiple=True, metavar="NAME=D1,D2", help="Fix an input's shape, as for compile. Repeatable.")
+@click.option("--trials", type=int, default=64, show_default=True, help="MetaSchedule trials in all (split over the kernels).")
+@click.option("--time-budget", type=float, default=600.0, show_default=True, help="Seconds; kernels not reached by then keep their default schedule.")
+@click.option("--quantize", type=click.Choice(["int8", "int4-weight"]), help="Tune the kernels of this quantized build (same options as compile).")
+@click.option("--calibration", type=click.Path(path_type=Path))
+@click.option("--calibrate-method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default="mse", show_default=True)
+@click.option("--activation-dtype", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True)
+@click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
+@json_option
+def tune_command(model: Path, target: str, tuning_db: Path | None, shape: tuple[str, ...], trials: int, time_budget: float,
+                 quantize: str | None, calibration: Path | None, calibrate_method: str, activation_dtype: str, quiet: bool,
+                 as_json: bool) -> None:
+    """Tune MODEL's kernels with MetaSchedule; later compiles with the same options use the records."""
+    _state["json"] = as_json
+    result = api.tune(model, target, tuning_db, shape=list(shape), trials=trials, time_budget=time_budget, quantize=quantize,
+                      calibration=calibration, calibrate_method=calibrate_method, activation_dtype=activation_dtype,
+                      progress=not quiet)
+    lines = [f"{k['name']:<48}x{k['weight']:<3}{k['trials']:>5} trials  "
+             + (f"best {k['best_ms']:.4f} ms" if k["best_ms"] is not None else f"default kept: {k['error']}") for k in result["kernels"]]
+    lines.append(f"{result['tuned']}/{len(result['kernels'])} kernels tuned; records in {result['database']} ({result['note']})")
+    _emit(result, "\n".join(lines))
 
 
 @cli.command("run")

@@ -1,0 +1,112 @@
+"""Tuning that is kept: MetaSchedule over the kernels socc builds, records in a database per profile.
+
+`tune_kernels` measures on this machine, so it tunes for the host profile only (there is no
+device for a cross target here). Each kernel is tuned on its own, heaviest first: a kernel
+MetaSchedule fails on keeps its default schedule and the rest go on; the time budget is checked
+between kernels. Records go to `<database>/<profile>/` (MetaSchedule's JSON database), where
+`apply-tuning` finds them on later compiles; socc ships records of its own in `toolchain/tuning/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .progress import Progress
+
+SHIPPED_DIR = Path(__file__).resolve().parent / "tuning"
+
+
+def user_database_root(root: str | Path | None = None) -> Path:
+    """The user's tuning database folder: `root`, else $SOCC_TUNING_DIR, else ~/.cache/socc/tuning."""
+    if root is not None:
+        return Path(root)
+    return Path(os.environ.get("SOCC_TUNING_DIR", Path.home() / ".cache" / "socc" / "tuning"))
+
+
+def database_folders(profile_name: str, root: str | Path | None = None) -> tuple[str, ...]:
+    """The database folders a compile for the profile reads: socc's shipped records, then the user's."""
+    return (str(SHIPPED_DIR / profile_name), str(user_database_root(root) / profile_name))
+
+
+@dataclasses.dataclass
+class KernelTuning:
+    name: str
+    weight: int  # how many times the model calls it
+    trials: int
+    best_ms: float | None
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def tuning_target(target: Any) -> Any:
+    """MetaSchedule's CPU rules need the core count in the target."""
+    import tvm
+
+    config = dict(target.export())
+    config["num-cores"] = os.cpu_count() or 1
+    return tvm.target.Target({k: v for k, v in config.items() if k not in ("keys", "tag", "feature")})
+
+
+def tune_kernels(mod: Any, target: Any, folder: Path, trials: int, time_budget: float, progress: Progress,
+                 builder_timeout: float = 180.0) -> list[KernelTuning]:
+    """Tunes the module's kernels (one MetaSchedule task each) into the database in `folder`."""
+    import logging
+
+    import numpy as np
+    from tvm.s_tir import meta_schedule as ms
+
+    # MetaSchedule's console log goes to stdout (where --json output goes): errors only; its full
+    # log is in <folder>/logs.
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.ERROR)
+    target = tuning_target(target)
+    tasks = ms.relax_integration.extract_tasks(mod, target)
+    tasks = sorted(tasks, key=lambda t: (-_flops(t.dispatched[0]) * t.weight, t.task_name))
+    folder.mkdir(parents=True, exist_ok=True)
+    database = ms.database.JSONDatabase(work_dir=str(folder))
+    per_kernel = max(trials // max(len(tasks), 1), 1)
+    start = time.monotonic()
+    results = []
+    for index, task in enumerate(tasks):
+        if time.monotonic() - start > time_budget:
+            results.append(KernelTuning(task.task_name, int(task.weight), 0, None, "time budget spent"))
+            continue
+        with progress.stage(f"tune {index + 1}/{len(tasks)} {task.task_name}") as summary:
+            try:
+                contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts([task], str(folder), seed=0)
+                ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(folder), max_trials_global=per_kernel,
+                                   num_trials_per_iter=min(per_kernel, 16), database=database,
+                                   builder=ms.builder.LocalBuilder(timeout_sec=builder_timeout), runner=ms.runner.LocalRunner(),
+                                   cost_model=cost_model())
+                records = database.get_top_k(database.commit_workload(task.dispatched[0]), 1)
+                best = float(np.mean([float(s) for s in records[0].run_secs]) * 1000) if records else None
+                results.append(KernelTuning(task.task_name, int(task.weight), per_kernel, best,
+                                            None if records else "no valid schedule found"))
+                summary.update(trials=per_kernel, best_ms=None if best is None else round(best, 4))
+            except Exception as exc:  # noqa: BLE001 - this kernel keeps its default schedule; the rest go on
+                lines = str(exc).strip().splitlines()
+                results.append(KernelTuning(task.task_name, int(task.weight), per_kernel, None,
+                                            f"{type(exc).__name__}: {lines[-1] if lines else ''}"))
+                summary.update(error=type(exc).__name__)
+    return results
+
+
+def cost_model() -> str:
+    """MetaSchedule's XGBoost cost model when xgboost is installed, else random (no model)."""
+    import importlib.util
+
+    return "xgb" if importlib.util.find_spec("xgboost") else "random"
+
+
+def _flops(func: Any) -> float:
+    from tvm.s_tir import meta_schedule as ms
+
+    try:
+        return float(ms.utils.estimate_flops(func)) if hasattr(ms.utils, "estimate_flops") else 0.0
+    except Exception:  # noqa: BLE001 - ordering only
+        return 0.0
