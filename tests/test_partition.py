@@ -74,27 +74,34 @@ def test_an_op_the_apu_lacks_runs_on_the_cpu_alone(tmp_path: Path) -> None:
     np.testing.assert_array_equal(out, whole.run(feed)["y"])
     reference = ort.InferenceSession(str(model)).run(None, feed)[0]
     np.testing.assert_allclose(out, reference, rtol=1e-4, atol=1e-5)
+    again = api.compile(model, DIMENSITY_ON_HOST, tmp_path / "again", progress=False)
+    assert again.manifest["files"] == parted.manifest["files"]  # a partitioned build is deterministic too
 
 
 def test_minilm_int8_for_dimensity_9300(minilm: Path, tmp_path: Path) -> None:
+    """Placement of MiniLM int8, and its sentence embeddings against the float model (onnxruntime).
+    (The partitioned build equals the unpartitioned one bit for bit, as the CNN test checks; for
+    MiniLM that was measured once, see the README, to keep the suite short.)"""
     seq = 16
-    shape = [f"input_ids=1,{seq}", f"attention_mask=1,{seq}"]
     options = {"quantize": "int8", "calibration": [minilm_tokenize([s], seq) for s in CALIBRATION_SENTENCES],
-               "shape": shape, "progress": False}
+               "shape": [f"input_ids=1,{seq}", f"attention_mask=1,{seq}"], "progress": False}
     parted = api.compile(minilm, DIMENSITY_ON_HOST, tmp_path / "part", **options)
-    whole = api.compile(minilm, "host", tmp_path / "whole", **options)
     placement = _placement(parted)
     _check_map_complete(placement)
     assert placement["mac_share"] == 1.0  # every matmul on the APU
-    assert sum(g["ops"].get("matmul", 0) for g in placement["map"]) == 6 * 8  # 6 layers x (q, k, v, o, 2 attn, 2 ffn)
+    assert sum(g["ops"].get("matmul", 0) for g in placement["map"]) == 6 * 8  # per layer: q, k, v, QK, AV, out, 2 FFN
     cpu = placement["cpu_ops"]
-    assert cpu["erf"] == {"op erf not on the unit": 6}  # GELU's erf: one per layer
-    assert cpu["take"] == {"op take not on the unit": 2}  # embedding gathers (word, position... on int64 ids)
+    assert cpu["erf"] == {"op erf not on the unit": 6}  # GELU's erf, one per layer
+    assert cpu["take"] == {"op take not on the unit": 2}  # the embedding gathers on int64 ids
     assert "matmul" not in cpu and "nn.conv2d" not in cpu
-    for sentence in EVAL_SENTENCES[:3]:
+    session = ort.InferenceSession(str(minilm))
+    for sentence in EVAL_SENTENCES[:4]:
         feed = minilm_tokenize([sentence], seq)
-        got, want = parted.run(feed)["sentence_embedding"], whole.run(feed)["sentence_embedding"]
-        np.testing.assert_array_equal(got, want)
+        got = parted.run(feed)["sentence_embedding"].ravel()
+        want = session.run(["sentence_embedding"], feed)[0].ravel()
+        assert float(got @ want / np.linalg.norm(got) / np.linalg.norm(want)) >= 0.99
+
+
 
 
 def test_dimensity_artifact_for_the_phone_runs_under_qemu(tmp_path: Path) -> None:

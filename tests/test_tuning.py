@@ -22,7 +22,7 @@ def _apply_stats(art: api.Artifact) -> dict:
 
 def test_tuned_records_are_applied_by_later_compiles(tiny_mlp: Path, tmp_path: Path) -> None:
     db = tmp_path / "db"
-    result = run_socc("tune", tiny_mlp, "--tuning-db", db, "--shape", SHAPE[0], "--trials", "6", "--json", "--quiet")
+    result = run_socc("tune", tiny_mlp, "--tuning-db", db, "--shape", SHAPE[0], "--trials", "2", "--json", "--quiet")
     assert result.code == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["tuned"] >= 1 and report["tuned"] == sum(k["best_ms"] is not None for k in report["kernels"])
@@ -46,3 +46,14 @@ def test_tune_refuses_targets_it_cannot_measure(tiny_mlp: Path, tmp_path: Path) 
         api.tune(tiny_mlp, "arm-cpu", tmp_path / "db", progress=False)
     with pytest.raises(UserError, match="--trials"):
         api.tune(tiny_mlp, "host", tmp_path / "db", trials=0, progress=False)
+
+
+def test_bench_times_a_host_artifact(tiny_mlp: Path, tmp_path: Path) -> None:
+    api.compile(tiny_mlp, "host", tmp_path / "mlp", shape=SHAPE, progress=False)
+    result = run_socc("bench", tmp_path / "mlp", "--runs", "30", "--warmup", "2", "--threads", "1", "--json")
+    assert result.code == 0, result.stderr
+    timing = json.loads(result.stdout)
+    assert timing["runs"] == 30 and timing["threads"] == 1
+    assert 0 < timing["p10_ms"] <= timing["median_ms"] <= timing["p90_ms"] < 1000
+    refused = run_socc("bench", tmp_path / "mlp", "--runs", "0")
+    assert refused.code != 0 and "--runs must be >= 1" in refused.stderr

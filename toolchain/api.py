@@ -412,4 +412,41 @@ def verify(
     return verify_artifact(art, model=model, inputs=inputs, dim=dim, rtol=rtol, seed=seed, min_cosine=min_cosine, labels=labels)
 
 
-__all__ = ["compile", "tune", "load", "rebuild", "run", "verify", "Artifact", "VerifyReport", "UserError"]
+def bench(
+    artifact: str | Path | Artifact,
+    *,
+    inputs: Mapping[str, Any] | str | Path | None = None,
+    dim: Mapping[str, int] | Sequence[str] | None = None,
+    runs: int = 20,
+    warmup: int = 3,
+    threads: int | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Latency of a host artifact: median (and p10/p90) of `runs` calls after `warmup`, in ms.
+
+    `inputs` as for verify (default: seeded random inputs of the manifest's shapes, symbolic dims from
+    `dim`); `threads` sets the TVM runtime's thread pool (default: TVM_NUM_THREADS or all cores)."""
+    import numpy as np
+
+    from .importer import parse_dim_values
+    from .verify import load_inputs, random_inputs
+
+    if runs < 1 or warmup < 0:
+        raise UserError("--runs must be >= 1 and --warmup >= 0")
+    art = artifact if isinstance(artifact, Artifact) else load(artifact)
+    if isinstance(inputs, (str, Path)):
+        inputs = load_inputs(inputs)
+    feed = inputs if inputs is not None else random_inputs(art.inputs, parse_dim_values(dim, "--dim"), seed)
+    if threads is not None:
+        import tvm
+
+        if threads < 1:
+            raise UserError("--threads must be >= 1")
+        tvm.get_global_func("runtime.config_threadpool")(0, threads)
+    times = art.time_host(feed, warmup, runs)
+    return {"artifact": str(art.path), "target": art.target["name"], "runs": runs, "warmup": warmup,
+            "threads": threads, "median_ms": float(np.median(times)), "p10_ms": float(np.percentile(times, 10)),
+            "p90_ms": float(np.percentile(times, 90))}
+
+
+__all__ = ["compile", "tune", "bench", "load", "rebuild", "run", "verify", "Artifact", "VerifyReport", "UserError"]

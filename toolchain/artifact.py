@@ -268,6 +268,27 @@ class Artifact:
             raise ArtifactError(f"model returned {len(results)} outputs, the manifest lists {len(names)}")
         return dict(zip(names, results))
 
+    def time_host(self, inputs: Mapping[str, Any], warmup: int, runs: int) -> list[float]:
+        """Milliseconds of each of `runs` calls of main after `warmup` calls, inputs already on the device."""
+        import time
+
+        import tvm
+
+        if not self.is_host:
+            raise ArtifactError(f"target {self.target['name']} runs on a phone: timing it under an emulator here says nothing about its speed")
+        arrays = self._ordered_inputs(inputs)
+        self._run_host(arrays)  # loads the library and the VM
+        tensors = [tvm.runtime.tensor(a, tvm.cpu()) for a in arrays]
+        main = self._vm["main"]
+        for _ in range(warmup):
+            main(*tensors)
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            main(*tensors)
+            times.append((time.perf_counter() - start) * 1000)
+        return times
+
     def _run_host(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
         import tvm
         from tvm.runtime.vm import VirtualMachine

@@ -157,6 +157,23 @@ def tune_command(model: Path, target: str, tuning_db: Path | None, shape: tuple[
     _emit(result, "\n".join(lines))
 
 
+@cli.command("bench")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--inputs", type=click.Path(path_type=Path), help="Inputs .npz (default: seeded random inputs of the manifest's shapes).")
+@click.option("--dim", multiple=True, metavar="DIM=N", help="Value of a symbolic dim for random inputs. Repeatable.")
+@click.option("--runs", type=int, default=20, show_default=True)
+@click.option("--warmup", type=int, default=3, show_default=True)
+@click.option("--threads", type=int, help="TVM runtime threads (default: TVM_NUM_THREADS or all cores).")
+@json_option
+def bench_command(artifact: Path, inputs: Path | None, dim: tuple[str, ...], runs: int, warmup: int, threads: int | None,
+                  as_json: bool) -> None:
+    """Time a host artifact: median latency of RUNS calls after WARMUP (wall clock, inputs prebuilt)."""
+    _state["json"] = as_json
+    result = api.bench(artifact, inputs=inputs, dim=list(dim), runs=runs, warmup=warmup, threads=threads)
+    _emit(result, f"{result['target']}: median {result['median_ms']:.3f} ms (p10 {result['p10_ms']:.3f}, p90 {result['p90_ms']:.3f}) "
+                  f"over {runs} runs after {warmup} warm-up, threads {threads or 'default'}")
+
+
 @cli.command("run")
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--inputs", "inputs_path", required=True, type=click.Path(path_type=Path), help=".npz of named inputs.")

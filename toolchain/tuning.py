@@ -61,15 +61,16 @@ def tune_kernels(mod: Any, target: Any, folder: Path, trials: int, time_budget: 
     import numpy as np
     from tvm.s_tir import meta_schedule as ms
 
-    # MetaSchedule's console log goes to stdout (where --json output goes): errors only; its full
-    # log is in <folder>/logs.
-    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.ERROR)
     target = tuning_target(target)
     tasks = ms.relax_integration.extract_tasks(mod, target)
     tasks = sorted(tasks, key=lambda t: (-_flops(t.dispatched[0]) * t.weight, t.task_name))
     folder.mkdir(parents=True, exist_ok=True)
     database = ms.database.JSONDatabase(work_dir=str(folder))
     per_kernel = max(trials // max(len(tasks), 1), 1)
+    # one builder and runner for all kernels: each worker process pays TVM's import once (~20 s:
+    # MetaSchedule parses its TVMScript tensor intrinsics on import)
+    builder = ms.builder.LocalBuilder(timeout_sec=builder_timeout)
+    runner = ms.runner.LocalRunner()
     start = time.monotonic()
     results = []
     for index, task in enumerate(tasks):
@@ -78,10 +79,13 @@ def tune_kernels(mod: Any, target: Any, folder: Path, trials: int, time_budget: 
             continue
         with progress.stage(f"tune {index + 1}/{len(tasks)} {task.task_name}") as summary:
             try:
+                # MetaSchedule's console log goes to stdout (where --json output goes): errors only
+                # (each run configures it again); its full log is in <folder>/logs.
+                logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.ERROR)
                 contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts([task], str(folder), seed=0)
                 ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(folder), max_trials_global=per_kernel,
                                    num_trials_per_iter=min(per_kernel, 16), database=database,
-                                   builder=ms.builder.LocalBuilder(timeout_sec=builder_timeout), runner=ms.runner.LocalRunner(),
+                                   builder=builder, runner=runner,
                                    cost_model=cost_model())
                 records = database.get_top_k(database.commit_workload(task.dispatched[0]), 1)
                 best = float(np.mean([float(s) for s in records[0].run_secs]) * 1000) if records else None
@@ -103,10 +107,10 @@ def cost_model() -> str:
     return "xgb" if importlib.util.find_spec("xgboost") else "random"
 
 
-def _flops(func: Any) -> float:
-    from tvm.s_tir import meta_schedule as ms
+def _flops(mod: Any) -> float:
+    from tvm.s_tir.analysis import estimate_tir_flops
 
     try:
-        return float(ms.utils.estimate_flops(func)) if hasattr(ms.utils, "estimate_flops") else 0.0
+        return float(estimate_tir_flops(mod))
     except Exception:  # noqa: BLE001 - ordering only
         return 0.0
