@@ -62,19 +62,6 @@ class _Planner:
         self.op_of: dict[Any, str] = {}
         self.reason: dict[Any, str] = {}
 
-    def op_name(self, value: Any) -> str | None:
-        import tvm
-        from tvm import relax
-
-        if not isinstance(value, relax.Call):
-            return None
-        if isinstance(value.op, tvm.ir.Op):
-            name = value.op.name.removeprefix("relax.")
-            if name == "call_tir":  # an importer-made kernel (e.g. Clip's maximum1): its op is its name
-                return re.sub(r"\d+$", "", value.args[0].name_hint)
-            return name
-        return None
-
     def _dim(self, dim: Any) -> int:
         from tvm import tirx
 
@@ -112,7 +99,7 @@ class _Planner:
         from tvm import relax
 
         key = binding.var
-        op = self.op_name(binding.value)
+        op = _op_name(binding.value)
         self.op_of[key] = op or type(binding.value).__name__
         out_ty = binding.var.ty
         self.macs[key] = self._count_macs(op, binding.value, out_ty) if op else 0
@@ -253,7 +240,7 @@ def _outline(mod: Any, groups: list[list[Any]], unit: str, bounds: Mapping[str, 
         func = func.with_attr({"global_symbol": name, UNIT_ATTR: unit})
         functions.append((name, func))
         calls.append((inputs, outputs))
-        ops = Counter(_op_label(b.value) for b in group)
+        ops = Counter(_op_name(b.value) for b in group)
         subgraphs.append({
             "name": name,
             "unit": unit,
@@ -333,13 +320,16 @@ def _rewrite_main(main: Any, bindings: list[Any], groups: list[list[Any]], group
     return relax.Function(main.params, body, main.ret_ty, main.is_pure, main.attrs)
 
 
-def _op_label(value: Any) -> str:
+def _op_name(value: Any) -> str | None:
+    """The op a binding's value calls ("nn.conv2d"; an importer-made call_tir kernel by its name,
+    e.g. Clip's "maximum1" -> "maximum"); None for anything but an op call."""
+    import tvm
     from tvm import relax
 
-    if isinstance(value, relax.Call) and hasattr(value.op, "name"):
-        name = value.op.name.removeprefix("relax.")
-        return re.sub(r"\d+$", "", value.args[0].name_hint) if name == "call_tir" else name
-    return type(value).__name__
+    if not isinstance(value, relax.Call) or not isinstance(value.op, tvm.ir.Op):
+        return None
+    name = value.op.name.removeprefix("relax.")
+    return re.sub(r"\d+$", "", value.args[0].name_hint) if name == "call_tir" else name
 
 
 def _bytes(ty: Any, bounds: Mapping[str, int]) -> int:
