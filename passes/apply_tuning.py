@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from .base import CompileContext, GraphPass
@@ -40,10 +41,16 @@ def open_databases(folders: Any) -> Any:
     """One MetaSchedule database over the folders that hold records (None when none does)."""
     from pathlib import Path
 
+    present = tuple((str(folder), Path(folder, "database_tuning_record.json").stat().st_mtime_ns)
+                    for folder in folders if Path(folder, "database_tuning_record.json").is_file())
+    return _open_databases(present) if present else None
+
+
+@functools.lru_cache(maxsize=8)
+def _open_databases(present: tuple[tuple[str, int], ...]) -> Any:
+    """Parsing a database costs ~0.7 s (the shipped host records): done once per process for
+    the same files (the modification times are part of the key, so new records are read)."""
     from tvm.s_tir import meta_schedule as ms
 
-    found = [ms.database.JSONDatabase(work_dir=str(folder), allow_missing=False)
-             for folder in folders if (Path(folder) / "database_tuning_record.json").is_file()]
-    if not found:
-        return None
+    found = [ms.database.JSONDatabase(work_dir=folder, allow_missing=False) for folder, _ in present]
     return found[0] if len(found) == 1 else ms.database.UnionDatabase(*found)

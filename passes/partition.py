@@ -187,18 +187,21 @@ def _tensor_json(var: Any) -> dict[str, Any]:
 
 
 def _substitute(expr: Any, mapping: Mapping[Any, Any]) -> Any:
-    """`expr` with its free vars replaced by `mapping` (vars not in it stay)."""
+    """`expr` with the vars and global vars in `mapping` replaced (others stay)."""
     from tvm import relax
 
     @relax.expr_functor.mutator
-    class Rename(relax.PyExprMutator):
-        def visit_var_(self, var: Any) -> Any:  # noqa: N802 - TVM's visitor name
+    class Replace(relax.PyExprMutator):
+        def visit_var_(self, var: Any) -> Any:  # noqa: N802 - TVM's visitor names
             return mapping.get(var, var)
 
         def visit_dataflow_var_(self, var: Any) -> Any:  # noqa: N802
             return mapping.get(var, var)
 
-    return Rename().visit_expr(expr)
+        def visit_global_var_(self, gv: Any) -> Any:  # noqa: N802
+            return mapping.get(gv, gv)
+
+    return Replace().visit_expr(expr)
 
 
 def _outline(mod: Any, groups: list[list[Any]], unit: str, bounds: Mapping[str, int]) -> tuple[Any, list[dict[str, Any]]]:
@@ -405,12 +408,12 @@ def merge_parts(parts: Mapping[str, Any]) -> Any:
         if name == "main":
             continue
         rename = {gv: add_kernel(f, f"{name}__{gv.name_hint}") for gv, f in part.functions_items() if isinstance(f, tirx.PrimFunc)}
-        func = _rename_globals(part["main"], rename).with_attr("global_symbol", name)
+        func = _substitute(part["main"], rename).with_attr("global_symbol", name)
         builder.add_func(func, name)
     merged = builder.get()
     main = merged["main"]
     calls = {main_mod.get_global_var(name): merged.get_global_var(name) for name in parts if name != "main"}
-    merged.update_func(merged.get_global_var("main"), _rename_globals(main, calls))
+    merged.update_func(merged.get_global_var("main"), _substitute(main, calls))
     return relax.transform.DeadCodeElimination(["main"])(merged)
 
 
@@ -420,12 +423,3 @@ def _kernel_hash(func: Any) -> int:
     return int(tvm_ffi.structural_hash(func.without_attr("global_symbol")))
 
 
-def _rename_globals(func: Any, rename: Mapping[Any, Any]) -> Any:
-    from tvm import relax
-
-    @relax.expr_functor.mutator
-    class Rename(relax.PyExprMutator):
-        def visit_global_var_(self, gv: Any) -> Any:  # noqa: N802 - TVM's visitor name
-            return rename.get(gv, gv)
-
-    return Rename().visit_expr(func)
