@@ -279,6 +279,7 @@ def build_static_program(driver: Driver, kernels_object: Path, folder: Path, cc:
     """Writes the driver source, weights and C runtime into `folder`, and links the static `output`.
 
     The C files are compiled with `cc -c`, then linked with TVM's kernel object by `ld -static`."""
+    folder, kernels_object, output = folder.resolve(), kernels_object.resolve(), output.resolve()  # tools run in `folder`
     (folder / DRIVER_SOURCE).write_text(driver.source)
     (folder / WEIGHTS_BLOB).write_bytes(driver.weights)
     (folder / RUNTIME_SOURCE.name).write_bytes(RUNTIME_SOURCE.read_bytes())
