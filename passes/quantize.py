@@ -17,6 +17,9 @@ The convolution or matmul runs in integer arithmetic with int32 accumulation (a 
 explicitly with zx, so the correction term is exact at the borders). What follows (rescale,
 bias, activation) is float, and TVM's FuseOps fuses it with the next layer's quantize into the
 producing kernel: a requantize, so tensors between quantized layers are stored as 8 bits.
+With `requantize="integer"` (the target's choice: units without float vectors, like HVX), a
+layer whose output reaches the next quantize through only its bias and a ReLU/clip requantizes
+in integer arithmetic instead (requantize.py): no float is left in that kernel.
 Embedding lookups `take(T, ids, axis=0)` of a constant float table become int8 rows with a
 per-row scale (weight-only). Matmuls of two activations (attention) and everything else stay
 float; the stats list every candidate with its mode and, for float ones, the reason.
@@ -111,8 +114,14 @@ class Quantize(GraphPass):
 def _rewrite(mod: Any, layers: list[Layer], options: dict[str, Any], stats: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     from tvm import relax
 
-    mod = _Rewriter(mod, {id_of(layer.call): layer for layer in layers if layer.mode != "float"}, options).rewrite()
-    mod = relax.transform.DeadCodeElimination()(relax.transform.Normalize()(mod))
+    rewriter = _Rewriter(mod, {id_of(layer.call): layer for layer in layers if layer.mode != "float"}, options)
+    mod = rewriter.rewrite()
+    if rewriter.integer_requantize:
+        stats["requantize"] = "integer"
+        stats["integer_requantized"] = rewriter.requantized
+    # CanonicalizeBindings: the integer-requantize path binds the dequantized output to the layer's
+    # var through an alias (v = dequantized), which FuseOps would treat as a kernel boundary
+    mod = relax.transform.DeadCodeElimination()(relax.transform.CanonicalizeBindings()(relax.transform.Normalize()(mod)))
     stats["weights_bytes"] = constant_bytes(mod)
     stats["layers_by_mode"] = dict(sorted(Counter(layer.mode for layer in layers).items()))
     stats["layers"] = [layer.to_json() for layer in layers]
@@ -576,6 +585,10 @@ class _Rewriter:
         self.act_dtype = options.get("activation_dtype") or "uint8"
         self.group = int(options.get("group_size") or 32)
         self.symmetric4 = (options.get("weight_scheme") or DEFAULT_WEIGHT_SCHEME) == "symmetric"
+        self.integer_requantize = options.get("requantize") == "integer"
+        # dequantized output var -> (its int32 accumulator var, the float32 rescale, the largest |accumulator|)
+        self.dequantized: dict[int, tuple[Any, np.ndarray, int]] = {}
+        self.requantized = 0
 
     def rewrite(self) -> Any:
         from tvm import relax
@@ -625,9 +638,36 @@ class _Rewriter:
                 inner = self.activation(mutator, source.args[0], layer)
                 expr = relax.Call(source.op, [inner, *source.args[1:]], source.attrs, source.ty_args)
             else:
-                expr = _quantize_expr(x, layer.scale, layer.zero_point, self.act_dtype)
+                expr = self.requantize_expr(mutator, x, layer) if self.integer_requantize else None
+                if expr is None:
+                    expr = _quantize_expr(x, layer.scale, layer.zero_point, self.act_dtype)
             mutator.quantized[key] = mutator.builder_.emit(expr)
         return mutator.quantized[key]
+
+    def requantize_expr(self, mutator: Any, x: Any, layer: Layer) -> Any:
+        """x quantized for `layer` in integer arithmetic from the accumulator of the int8 layer that
+        made it, when x is that layer's dequantized output plus a constant bias, through a ReLU or
+        clip; None otherwise (the float quantize is used)."""
+        from .requantize import integer_requantize, trace_epilogue
+
+        found = trace_epilogue(mutator, x, self.dequantized)
+        if found is None:
+            return None
+        expr = integer_requantize(mutator, found, layer.scale, layer.zero_point, self.act_dtype)
+        self.requantized += expr is not None
+        return expr
+
+    def dequantize(self, acc: Any, rescale: np.ndarray, reduction: int, mutator: Any) -> Any:
+        """float(acc) * rescale; with integer requantize on, emitted and remembered for requantize_expr
+        (`reduction`: products summed per output, which bounds the accumulator)."""
+        from tvm import relax
+
+        if not self.integer_requantize:
+            return _dequantize(acc, relax.const(rescale))
+        acc_var = mutator.builder_.emit(acc)
+        dequantized = mutator.builder_.emit(_dequantize(acc_var, relax.const(rescale)))
+        self.dequantized[id_of(dequantized)] = (acc_var, rescale, 255 * 127 * reduction)
+        return dequantized
 
     def lower(self, layer: Layer, call: Any, mutator: Any) -> Any:
         if layer.mode == "int8":
@@ -655,7 +695,7 @@ class _Rewriter:
             correction = (layer.zero_point * wq.astype(np.int64).sum(axis=(1, 2, 3))).astype(np.int32)
             acc = op.subtract(acc, relax.const(correction.reshape(1, -1, 1, 1)))
         rescale = (np.float64(layer.scale) * w_scale).astype(np.float32).reshape(1, -1, 1, 1)
-        return _dequantize(acc, relax.const(rescale))
+        return self.dequantize(acc, rescale, wq[0].size, mutator)
 
     def matmul_int8(self, layer: Layer, call: Any, mutator: Any) -> Any:
         from tvm import relax
@@ -667,7 +707,7 @@ class _Rewriter:
             correction = (layer.zero_point * wq.astype(np.int64).sum(axis=0)).astype(np.int32)
             acc = op.subtract(acc, relax.const(correction))
         rescale = (np.float64(layer.scale) * w_scale).astype(np.float32)
-        return _dequantize(acc, relax.const(rescale))
+        return self.dequantize(acc, rescale, wq.shape[0], mutator)
 
     def take_int8(self, call: Any) -> Any:
         from tvm import relax

@@ -6,6 +6,7 @@ from typing import Any
 
 from .apply_tuning import is_scheduled
 from .base import CompileContext, GraphPass
+from .requantize import REQUANTIZE_STAGES
 
 
 def _has_float_math(block: Any) -> bool:
@@ -46,7 +47,7 @@ def _inline_elementwise(sch: Any) -> int:
         outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(root)}
         for block_rv in sch.get_child_blocks(root):
             block = sch.get(block_rv)
-            if _is_reduction(block) or block.name_hint in outputs or _is_float_multiply(block):
+            if _is_reduction(block) or block.name_hint in outputs or _is_float_multiply(block) or _kept_stage(block):
                 continue
             try:
                 sch.compute_inline(block_rv)
@@ -58,6 +59,72 @@ def _inline_elementwise(sch: Any) -> int:
     return inlined
 
 
+def _read_bits(block: Any) -> int:
+    """The narrowest element a reduction reads (its int8 operands): vectors of that many lanes load
+    whole (128 x int8 on HVX) and LLVM widens them to as many int32 accumulator vectors as needed."""
+    return min((int(region.source.dtype.bits) for region in block.reads if region.source not in [w.source for w in block.writes]), default=32)
+
+
+def _index_vars(region: Any) -> set[Any]:
+    """The variables a buffer region's indices use."""
+    from tvm import tirx
+
+    return {var for rng in region.region for var in tirx.analysis.undefined_vars(rng.min, [])}
+
+
+def _strided_row(block: Any, spatial_vars: list[Any]) -> bool:
+    """The reduction reads its first operand with a stride along the innermost spatial axis
+    (a stride-2 conv): row vectors would be gathers, which LLVM builds lane by lane."""
+    import re
+
+    if not block.reads or not spatial_vars:
+        return False
+    index = str(block.reads[0].region[-1].min)
+    name = re.escape(str(spatial_vars[-1].name))
+    return re.search(rf"\b{name} \* T\.int64\(\d+\)|\b{name} \* \d+", index) is not None
+
+
+def _broadcast_free_suffix(block: Any) -> int:
+    """How many trailing loops of an elementwise block can be fused into one vector loop: every
+    buffer it reads is indexed by all of them or by none. A per-channel constant read inside the
+    fused loop would be indexed by `fused // (H * W)`, a gather LLVM builds lane by lane; outside
+    it, it is one scalar broadcast."""
+    variables = [iv.var for iv in block.iter_vars]
+    used = [_index_vars(region) for region in block.reads]
+    for count in range(len(variables), 0, -1):
+        suffix = variables[-count:]
+        if all(len({any(var.same_as(u) for u in names) for var in suffix}) == 1 for names in used):
+            return count
+    return 1
+
+
+def _gathers(block: Any, first: int) -> bool:
+    """Some read of the elementwise block, vectorized over its iter vars from `first` on, would be
+    a gather: its innermost index does not follow the innermost var (a transposed read, e.g. a
+    channels-last accumulator read in NCHW order). LLVM builds gathers lane by lane (scalar loads
+    and inserts): slower and larger than the scalar loop, so such a block stays scalar."""
+    from tvm import tirx
+
+    innermost = block.iter_vars[-1].var
+    suffix = [iv.var for iv in block.iter_vars[first:]]
+    for region in block.reads:
+        used = _index_vars(region)
+        if not any(var.same_as(u) for var in suffix for u in used):
+            continue  # a broadcast
+        last = tirx.analysis.undefined_vars(region.region[-1].min, [])
+        if not any(innermost.same_as(u) for u in last):
+            return True
+    return False
+
+
+def _kept_stage(block: Any) -> bool:
+    """The int32 stages of an integer requantize (requantize.py) stay blocks of their own: inlined,
+    their int32 x int32 -> int64 product becomes a full 64-bit multiply, and the 8-bit cast's 128
+    lanes would carry 128 int64 products, which LLVM splits apart; as blocks they are vectorized
+    by 32 x int32 (the product a multiply-high pair) and the cast by 128 x uint8."""
+    return block.name_hint.startswith(REQUANTIZE_STAGES)
+
+
 def _extent(sch: Any, loop_rv: Any) -> int | None:
     from tvm import tirx
 
@@ -65,18 +132,25 @@ def _extent(sch: Any, loop_rv: Any) -> int | None:
     return int(extent) if isinstance(extent, tirx.IntImm) else None
 
 
-def _vector_width(extent: int, lanes: int) -> int:
-    """A whole vector, or half of one, that divides `extent`; 0 when neither does.
+def _vector_width(extent: int, lanes: int, smallest: int = 0) -> int:
+    """The widest of `lanes`, lanes/2, ... down to `smallest` (default: half of `lanes`) that divides
+    `extent`; 0 when none does.
 
     Odd widths (24 x i32) gave wrong int8 results under qemu-hexagon, and LLVM's Hexagon backend
     lowers vectors under 64 bytes to scalar code anyway."""
-    return next((w for w in (lanes, lanes // 2) if w >= 2 and extent >= w and extent % w == 0), 0)
+    smallest = max(smallest or lanes // 2, 2)
+    width = lanes
+    while width >= smallest:
+        if extent >= width and extent % width == 0:
+            return width
+        width //= 2
+    return 0
 
 
-def _vectorize_innermost(sch: Any, loop_rv: Any, lanes: int, outer_anchor: Any = None) -> bool:
+def _vectorize_innermost(sch: Any, loop_rv: Any, lanes: int, outer_anchor: Any = None, smallest: int = 0) -> bool:
     """Splits `loop_rv` into vectors of `_vector_width` lanes and vectorizes them; False when no width fits."""
     extent = _extent(sch, loop_rv)
-    width = _vector_width(extent or 0, lanes)
+    width = _vector_width(extent or 0, lanes, smallest)
     if width == 0:
         return False
     if extent > width:
@@ -91,7 +165,7 @@ def _vectorize_innermost(sch: Any, loop_rv: Any, lanes: int, outer_anchor: Any =
 WEIGHT_TO_CHANNELS_LAST = (1, 2, 3, 0)  # [f, c, kh, kw] -> [c, kh, kw, f]
 
 
-def _vectorize_channels(sch: Any, block_rv: Any, lanes: int, constant_params: frozenset[int], relayout: dict[int, tuple[int, ...]]) -> bool:
+def _vectorize_channels(sch: Any, block_rv: Any, lanes: int, smallest: int, constant_params: frozenset[int], relayout: dict[int, tuple[int, ...]]) -> bool:
     """A conv2d (NCHW) on a small image: vectors over the output channels instead of the image row.
 
     The weights are laid out [c, kh, kw, f] and the int32 accumulator [n, y, x, f], so both are
@@ -111,7 +185,7 @@ def _vectorize_channels(sch: Any, block_rv: Any, lanes: int, constant_params: fr
     data = block.reads[0].source
     if depthwise and (_extent(sch, loops[4]) != 1 or int(data.shape[1]) != channels):
         return False  # a depthwise conv (one input channel per output channel) reads data[n, f, ...]
-    width = _vector_width(channels or 0, lanes)
+    width = _vector_width(channels or 0, lanes, smallest)
     if width == 0:
         return False
     if block.name_hint in {sch.get(b).name_hint for b in sch.get_output_blocks(sch.get_sblock("root"))}:
@@ -128,12 +202,26 @@ def _vectorize_channels(sch: Any, block_rv: Any, lanes: int, constant_params: fr
         copy = sch.cache_read(block_rv, 0, "global")
         sch.transform_layout(copy, ("write", 0), lambda n, c, h, w: (n, h, w, c))
     sch.transform_layout(block_rv, ("write", 0), lambda n, f, y, x: (n, y, x, f))
+    _channels_last_stages(sch, block_rv)
     n, f, y, x, rc, ry, rx = sch.get_loops(block_rv)
     f_outer, f_inner = sch.split(f, factors=[None, width])
     sch.reorder(n, y, x, f_outer, rc, ry, rx, f_inner)
     sch.vectorize(f_inner)
     sch.decompose_reduction(block_rv, rc)
     return True
+
+
+def _channels_last_stages(sch: Any, block_rv: Any) -> None:
+    """The requantize stages reading a channels-last accumulator go channels-last too (buffer and
+    iteration order), so they read it contiguously and vectorize over channels; only the final
+    8-bit cast reads across the layouts."""
+    consumers = [c for c in sch.get_consumers(block_rv) if _kept_stage(sch.get(c))]
+    for consumer in consumers:
+        if len(sch.get(consumer).iter_vars) != 4:
+            continue
+        sch.transform_layout(consumer, ("write", 0), lambda n, f, y, x: (n, y, x, f))
+        sch.transform_block_layout(consumer, lambda n, f, y, x: (n, y, x, f))
+        _channels_last_stages(sch, consumer)
 
 
 def schedule_kernel(func: Any, vector_bits: int, vector_float: bool,
@@ -144,7 +232,7 @@ def schedule_kernel(func: Any, vector_bits: int, vector_float: bool,
     the caller's constant must get."""
     from tvm import s_tir, tirx
 
-    stats = {"inlined": 0, "vectorized_loops": 0, "scalar_float_blocks": 0}
+    stats = {"inlined": 0, "vectorized_loops": 0, "scalar_float_blocks": 0, "gathers_left_scalar": 0}
     relayout: dict[int, tuple[int, ...]] = {}
     sch = s_tir.Schedule(func)
     stats["inlined"] = _inline_elementwise(sch)
@@ -166,18 +254,25 @@ def schedule_kernel(func: Any, vector_bits: int, vector_float: bool,
             window = [_extent(sch, loop) for loop in reduce[1:]]
             pointwise = len(spatial) >= 2 and bool(window) and all(e == 1 for e in window) and (_extent(sch, spatial[-1]) or 0) < lanes
             row = (_extent(sch, spatial[-1]) or 0) * ((_extent(sch, spatial[-2]) or 0) if pointwise else 1)
-            if _vector_width(row, lanes) == 0 and _vectorize_channels(sch, block_rv, lanes, constant_params, relayout):
-                stats["vectorized_loops"] += 1  # too short a row: vectors over the output channels
+            # vectors as wide as the narrow operands load whole (128 x int8 on HVX), down to half an accumulator vector
+            wide, smallest = max(vector_bits // _read_bits(block), lanes), max(lanes // 2, 2)
+            strided = _strided_row(block, spatial_vars=[iv.var for iv, kind in zip(block.iter_vars, kinds) if kind == tirx.IterVar.DataPar])
+            if (strided or _vector_width(row, wide, smallest) == 0) and _vectorize_channels(sch, block_rv, wide, smallest, constant_params, relayout):
+                stats["vectorized_loops"] += 1  # too short or strided a row: vectors over the output channels
                 continue
             if pointwise:  # a 1x1 convolution: its rows are contiguous too, so one loop over the image
                 spatial = [*spatial[:-2], sch.fuse(spatial[-2], spatial[-1])]
             innermost = spatial[-1]
             sch.reorder(*spatial[:-1], *reduce, innermost)
-            if _vectorize_innermost(sch, innermost, lanes, outer_anchor=reduce):
+            if _vectorize_innermost(sch, innermost, wide, outer_anchor=reduce, smallest=smallest):
                 stats["vectorized_loops"] += 1
             sch.decompose_reduction(block_rv, sch.get_loops(block_rv)[len(spatial) - 1])
         else:
-            fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+            keep = len(loops) - _broadcast_free_suffix(block)
+            if _gathers(block, keep):
+                stats["gathers_left_scalar"] += 1
+                continue
+            fused = sch.fuse(*loops[keep:]) if len(loops) - keep > 1 else loops[-1]
             if _vectorize_innermost(sch, fused, lanes):
                 stats["vectorized_loops"] += 1
     return sch.mod["main"], stats, relayout
@@ -191,7 +286,8 @@ class Vectorize(GraphPass):
     def run(self, mod: Any, ctx: CompileContext) -> tuple[Any, dict[str, Any]]:
         from tvm import tirx
 
-        totals = {"kernels": 0, "kernels_vectorized": 0, "vectorized_loops": 0, "inlined": 0, "scalar_float_blocks": 0, "failed": 0}
+        totals = {"kernels": 0, "kernels_vectorized": 0, "vectorized_loops": 0, "inlined": 0, "scalar_float_blocks": 0,
+                  "gathers_left_scalar": 0, "failed": 0}
         if ctx.vector_bits <= 0:
             return mod, {**totals, "skipped": "the target profile gives no vector width"}
         result = mod.clone()

@@ -19,6 +19,8 @@ PROFILE_DIR = Path(__file__).resolve().parent
 _LLVM_FEATURE_NAMES = {"fp16": "fullfp16"}
 
 
+REQUANTIZE_MODES = ("float", "integer")  # how int8 layers requantize (TargetProfile.requantize)
+
 @dataclasses.dataclass(frozen=True)
 class TargetProfile:
     """A resolved target profile (every field filled, `extends` applied)."""
@@ -44,6 +46,9 @@ class TargetProfile:
     objdump: tuple[str, ...] = ()
     vector_asm_pattern: str = ""
     vector_float: bool = True  # the vector unit takes float math (false: float kernels stay scalar)
+    # int8 layers requantize their accumulators in "float" (scale multiply, round) or "integer"
+    # (fixed-point multiplier and shift: no float left in the kernel, for integer vector units).
+    requantize: str = "float"
     # "tvm": the artifact runs on the TVM runtime (model.so + run_model). "static": no TVM runtime
     # on the unit here, so socc also writes a static program (generated C driver + C runtime) that
     # calls the kernels directly; `cc` compiles C for the unit, `ld` links objects.
@@ -141,6 +146,8 @@ def _resolve(raw: dict[str, Any], source: str, seen: tuple[str, ...] = ()) -> Ta
     data.setdefault("family", data.get("name", source))
     if data.get("accelerator") and data["accelerator"] not in data.get("units", {}):
         raise UserError(f"target profile {source}: accelerator {data['accelerator']!r} has no [units.{data['accelerator']}] table")
+    if data.get("requantize", "float") not in REQUANTIZE_MODES:
+        raise UserError(f"target profile {source}: requantize must be one of {', '.join(REQUANTIZE_MODES)}, not {data['requantize']!r}")
     if data.get("runtime", "tvm") not in ("tvm", "static"):
         raise UserError(f"target profile {source}: runtime must be 'tvm' or 'static', not {data['runtime']!r}")
     try:

@@ -66,6 +66,31 @@ def test_digits_int8_on_arm_matches_host_bit_for_bit(digits: dict, digits_int8_h
     np.testing.assert_array_equal(logits, digits_int8_host.run({"image": digits["x_test"]})["logits"])
 
 
+def test_integer_requantize_matches_float_requantize(digits: dict, digits_int8_host: api.Artifact, tmp_path: Path) -> None:
+    """Fixed-point requantize (what integer-only units run): the same model within a step of the float one."""
+    art = api.compile(digits["model"], "host", tmp_path / "digits.intreq", quantize="int8", requantize="integer",
+                      calibration=digits["calibration"], progress=False)
+    quant = art.manifest["quantization"]
+    assert quant["requantize"] == "integer" and art.manifest["options"]["requantize"] == "integer"
+    assert quant["integer_requantized"] == 4  # conv -> conv -> conv -> (max-pool, flatten) -> gemm -> gemm: all but the last
+    got = art.run({"image": digits["x_test"]})["logits"]
+    expected = digits_int8_host.run({"image": digits["x_test"]})["logits"]
+    assert np.mean(got.argmax(1) == digits["y_test"]) >= digits["float_accuracy"] - 0.01
+    step = np.abs(expected).max() / 127
+    assert 0 < np.abs(got - expected).max() < 3 * step  # not the same code path, but within rounding of it
+
+
+def test_fixed_point_multipliers_are_exact_to_31_bits() -> None:
+    from toolchain.passes.requantize import fixed_point
+
+    rng = np.random.default_rng(0)
+    for magnitude in (1e-6, 1e-3, 0.2, 0.49):
+        multiplier = magnitude * rng.uniform(0.01, 1.0, 64)
+        codes, shift = fixed_point(multiplier)
+        assert codes.dtype == np.int32 and 2**30 <= codes.max() < 2**31 and shift >= 32
+        np.testing.assert_allclose(codes / 2.0**shift, multiplier, rtol=0, atol=2.0 ** -(shift + 1))
+
+
 def test_int8_layers_really_compute_in_integers(digits: dict) -> None:
     """After the quantize pass every conv2d/matmul takes 8-bit operands and accumulates in int32."""
     import tvm
@@ -238,6 +263,7 @@ def test_quantized_rebuild_is_byte_identical(digits: dict, tmp_path: Path) -> No
     ({"quantize": "int4-weight", "exclude_node": ["nope"]}, "--exclude-node 'nope': no quantizable layer"),
     ({"quantize": "int4-weight", "group_size": 48}, "group size must be one of 32, 64, 128"),
     ({"quantize": "int4-weight", "skip_pass": ["quantize"]}, "needs the quantize pass"),
+    ({"quantize": "int8", "requantize": "fixed"}, "requantize must be one of float, integer, not 'fixed'"),
 ])
 def test_bad_quantization_input_is_one_clear_error(digits: dict, tmp_path: Path, options: dict, message: str) -> None:
     with pytest.raises(UserError, match=message.replace("(", r"\(")):

@@ -15,7 +15,7 @@ from .calibration import calibration_description, calibration_source
 from .importer import MAX_MODEL_BYTES, MAX_TENSOR_ELEMENTS, parse_dim_values
 from .isolate import DEFAULT_MEMORY_BYTES, DEFAULT_TIMEOUT_S
 from .progress import Progress
-from .targets import TargetProfile, load_profile
+from .targets import REQUANTIZE_MODES, TargetProfile, load_profile
 from .verify import VerifyReport
 
 
@@ -63,6 +63,7 @@ def compile(  # noqa: A001 - the toolchain's verb
     weight_scheme: str = "asymmetric",
     int8_embeddings: bool = False,
     max_accuracy_drop: float | None = None,
+    requantize: str | None = None,
     tuning_db: str | Path | None = None,
 ) -> Artifact:
     """Compiles an ONNX file for a target profile into an artifact folder (and `.tar.gz` with archive).
@@ -81,7 +82,8 @@ def compile(  # noqa: A001 - the toolchain's verb
     `quantize="int4-weight"` packs matmul and embedding weights to 4 bits in groups of
     `group_size` along the reduction. `exclude_op_type` / `exclude_node` keep layers in float;
     `max_accuracy_drop` (int8) keeps the most sensitive layers in float until the calibration
-    set's mean 1 - cosine against float is within it.
+    set's mean 1 - cosine against float is within it. `requantize` ("float" or "integer",
+    default: the target profile's) says how int8 layers requantize their int32 accumulators.
 
     Kernels with a tuning record (`tune`) are scheduled from it: records socc ships for the
     profile, then those in `tuning_db` (default: the user's cache, ~/.cache/socc/tuning).
@@ -91,7 +93,7 @@ def compile(  # noqa: A001 - the toolchain's verb
             raise UserError("give --target or --profile, not both")
         target = str(profile)
     quantize_options = _quantize_options(quantize, calibration, calibrate_method, activation_dtype, exclude_op_type, exclude_node,
-                                         group_size, weight_scheme, int8_embeddings, max_accuracy_drop)
+                                         group_size, weight_scheme, int8_embeddings, max_accuracy_drop, requantize)
     if isolate:
         from .artifact import sweep_staging
         from .isolate import compile_in_child
@@ -146,6 +148,7 @@ def compile(  # noqa: A001 - the toolchain's verb
         "max_memory": max_memory,
         "tuning_db": None if tuning_db is None else str(tuning_db),
         **quantize_options,
+        "requantize": requantize or profile.requantize,
     }
 
     imported, ctx = _import_with_context(model_path, profile, shapes, limits, no_simplify, calibration, options, log, tuning_db)
@@ -262,9 +265,11 @@ def tune(
 def _quantize_options(quantize: str | None = None, calibration: Any = None, calibrate_method: str = "mse",
                       activation_dtype: str = "uint8", exclude_op_type: Sequence[str] = (), exclude_node: Sequence[str] = (),
                       group_size: int = 32, weight_scheme: str = "asymmetric", int8_embeddings: bool = False,
-                      max_accuracy_drop: float | None = None) -> dict[str, Any]:
+                      max_accuracy_drop: float | None = None, requantize: str | None = None) -> dict[str, Any]:
     """The quantize pass's options as the manifest records them (defaults = compile's)."""
-    return {"quantize": quantize, "calibration": calibration_description(calibration), "calibrate_method": calibrate_method,
+    if requantize not in (None, *REQUANTIZE_MODES):
+        raise UserError(f"requantize must be one of {', '.join(REQUANTIZE_MODES)}, not {requantize!r}")
+    return {"requantize": requantize, "quantize": quantize, "calibration": calibration_description(calibration), "calibrate_method": calibrate_method,
             "activation_dtype": activation_dtype, "exclude_op_type": sorted(exclude_op_type), "exclude_node": sorted(exclude_node),
             "group_size": group_size, "weight_scheme": weight_scheme, "int8_embeddings": int8_embeddings,
             "max_accuracy_drop": max_accuracy_drop}
@@ -374,7 +379,7 @@ def _rebuild_quantize_options(options: Mapping[str, Any]) -> dict[str, Any]:
     if options.get("calibration") == "python iterable":
         raise UserError("this artifact was calibrated from a Python iterable; rebuild it with compile(..., calibration=...)")
     names = ("quantize", "calibration", "calibrate_method", "activation_dtype", "exclude_op_type", "exclude_node",
-             "group_size", "weight_scheme", "int8_embeddings", "max_accuracy_drop")
+             "group_size", "weight_scheme", "int8_embeddings", "max_accuracy_drop", "requantize")
     return {name: options[name] for name in names if name in options}
 
 

@@ -80,6 +80,7 @@ def cli(debug: bool) -> None:
 @click.option("--weight-scheme", type=click.Choice(["symmetric", "asymmetric"]), default="asymmetric", show_default=True, help="int4 weights: per-group zero points (asymmetric) or symmetric.")
 @click.option("--max-accuracy-drop", type=float, help="int8: keep the most sensitive layers float until 1 - cosine vs float on the calibration set is within this.")
 @click.option("--int8-embeddings", is_flag=True, help="With int4-weight: embedding tables int8 per row instead of int4.")
+@click.option("--requantize", type=click.Choice(["float", "integer"]), help="int8 requantize in float or fixed-point integer (default: the target's).")
 @click.option("--tuning-db", type=click.Path(path_type=Path), help="Tuning records folder (`socc tune`); default ~/.cache/socc/tuning.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
 @json_option

@@ -1,0 +1,158 @@
+"""Integer requantize: an int8 layer's int32 accumulator to the next layer's 8-bit input, no float.
+
+Used by the quantize pass when the target asks for it (`requantize = "integer"`). The float path
+computes, per output channel c,
+
+    q = clip(round(act(float(acc) * r[c] + b[c]) / s) + z, lo, hi)
+
+(r = input scale x weight scale, b the bias, s/z the next layer's input scale and zero point,
+act a ReLU or clip). The integer path computes
+
+    q = clip(((int64(acc + B[c]) * M[c] + 2^(S-1)) >> S) + z, lo', hi')
+
+with B[c] = round(b[c] / r[c]), M[c] = round(r[c] / s * 2^S) under 2^31 (one shift S per layer,
+fixed by the largest multiplier) and the activation folded into the clip bounds (a ReLU clips at
+z, clip(a, b) at z + round(a / s) and z + round(b / s)). acc + B stays int32 and the product is a
+32 x 32 -> 64-bit multiply whose high half LLVM finds (HVX: vmpye/vmpyo).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+
+INT32_LIMIT = 1 << 31
+
+
+@dataclasses.dataclass
+class Epilogue:
+    """What lies between an int8 layer's accumulator and the next quantize."""
+
+    acc: Any  # the int32 accumulator var
+    acc_bound: int  # the largest |acc| the layer's codes can give
+    rescale: np.ndarray  # float32, broadcast like the accumulator's channel axis
+    bias: np.ndarray  # float32, same shape as rescale
+    low: float  # the activation's bounds in float (-inf/inf: none)
+    high: float
+
+
+def _resolve(mutator: Any, var: Any) -> Any:
+    """The value bound to `var`, through aliases (v1 = v0); None for a non-var or unbound var."""
+    from tvm import relax
+
+    value = var
+    while isinstance(value, relax.Var):
+        var, value = value, mutator.lookup_binding(value)
+    return None if value is None or value is var else (var, value)
+
+
+def trace_epilogue(mutator: Any, x: Any, dequantized: dict[int, tuple[Any, np.ndarray, int]]) -> Epilogue | None:
+    """x's chain back to a dequantized accumulator: [relu | clip] (add(dequantized, bias constant) | dequantized).
+
+    `dequantized`: by the hash of each dequantized output var (an IR node's identity)."""
+    from tvm import relax
+    from tvm.ir.expr import Constant
+
+    low, high = -math.inf, math.inf
+    found = _resolve(mutator, x)
+    for _ in range(2):  # relu, clip, or the max/min pair TVM's importer makes of a Clip with input bounds
+        bounds = _activation_bounds(found[1]) if found is not None else None
+        if bounds is None:
+            break
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+        found = _resolve(mutator, bounds[2])
+    bias = None
+    if found is not None and isinstance(found[1], relax.Call) and getattr(found[1].op, "name", "") == "relax.add":
+        lhs, rhs = found[1].args
+        if isinstance(rhs, relax.Var) and isinstance(lhs, Constant):
+            lhs, rhs = rhs, lhs
+        if not (isinstance(lhs, relax.Var) and isinstance(rhs, Constant)):
+            return None
+        bias = rhs.value.numpy()
+        found = _resolve(mutator, lhs)
+    if found is None or found[0].__hash__() not in dequantized:
+        return None
+    acc, rescale, acc_bound = dequantized[found[0].__hash__()]
+    if bias is None:
+        bias = np.zeros_like(rescale)
+    if bias.dtype != np.float32 or bias.size != rescale.size or np.broadcast_shapes(bias.shape, rescale.shape) != rescale.shape:
+        return None  # not one value per output channel along the accumulator's channel axis
+    return Epilogue(acc, acc_bound, rescale, bias.reshape(rescale.shape), low, high)
+
+
+def _activation_bounds(value: Any) -> tuple[float, float, Any] | None:
+    """(low, high, input) when `value` clamps its input: relu, clip, or a call of TVM's TE `maximum`/`minimum`
+    kernels (GlobalVar names as the ONNX importer gives them) with a constant scalar bound."""
+    from tvm import relax
+    from tvm.ir.expr import Constant
+
+    if not isinstance(value, relax.Call):
+        return None
+    name = getattr(value.op, "name", "")
+    if name == "relax.nn.relu":
+        return 0.0, math.inf, value.args[0]
+    if name == "relax.clip":
+        return float(value.args[1].value), float(value.args[2].value), value.args[0]
+    if name != "relax.call_tir" or not isinstance(value.args[1], relax.Tuple) or len(value.args[1].fields) != 2:
+        return None
+    kernel = value.args[0].name_hint.rstrip("0123456789")
+    data, bound = value.args[1].fields
+    if kernel not in ("maximum", "minimum") or not isinstance(bound, Constant) or bound.value.numpy().size != 1:
+        return None
+    limit = float(bound.value.numpy().reshape(()))
+    return (limit, math.inf, data) if kernel == "maximum" else (-math.inf, limit, data)
+
+
+def fixed_point(multiplier: np.ndarray) -> tuple[np.ndarray, int]:
+    """Per-channel int32 multipliers M (< 2^31) and one shift S with M / 2^S ~= multiplier (all > 0)."""
+    shift = int(min(62, max(1, 30 - math.floor(math.log2(float(multiplier.max()))))))
+    return np.minimum(np.rint(multiplier * 2.0 ** shift), (1 << 31) - 1).astype(np.int32), shift
+
+
+def integer_requantize(mutator: Any, epilogue: Epilogue, scale: float, zero_point: int, dtype: str) -> Any:
+    """The Relax expression of the integer requantize (module docstring); None when it does not fit
+    (a non-positive rescale, acc + bias that could overflow int32)."""
+    from tvm import relax
+
+    rescale = epilogue.rescale.astype(np.float64)
+    if not np.all(rescale > 0):
+        return None
+    bias_codes = np.rint(epilogue.bias.astype(np.float64) / rescale)
+    if epilogue.acc_bound + np.abs(bias_codes).max(initial=0) >= INT32_LIMIT:
+        return None  # acc + B could overflow int32
+    multiplier, shift = fixed_point(rescale / scale)
+    lo, hi = (0, 255) if dtype == "uint8" else (-127, 127)
+    if epilogue.low > -math.inf:
+        lo = max(lo, zero_point + int(np.clip(np.rint(epilogue.low / scale), -INT32_LIMIT, INT32_LIMIT)))
+    if epilogue.high < math.inf:
+        hi = min(hi, zero_point + int(np.clip(np.rint(epilogue.high / scale), -INT32_LIMIT, INT32_LIMIT)))
+    lo, hi = min(lo, hi), hi
+    axis = len(epilogue.acc.ty.shape) - rescale.ndim + int(np.argmax(rescale.shape))
+    return mutator.builder_.call_te(_requantize_te, epilogue.acc, relax.const(bias_codes.astype(np.int32).reshape(-1)),
+                                    relax.const(multiplier.reshape(-1)), axis=axis, shift=shift, zero_point=zero_point,
+                                    bounds=(lo, hi), dtype=dtype, primfunc_name_hint="requantize")
+
+
+REQUANTIZE_STAGES = ("requantize_sum", "requantize_code")  # int32 stages that vectorize keeps as blocks of their own
+
+
+def _requantize_te(acc: Any, bias_codes: Any, multiplier: Any, *, axis: int, shift: int, zero_point: int,
+                   bounds: tuple[int, int], dtype: str) -> Any:
+    """Three stages: acc + B (int32), the clipped int32 code, its cast to 8 bits. In one expression
+    TVM widens `int64(acc + B)` to `int64(acc) + int64(B)`, and a product of that sum is a full
+    64-bit multiply (HVX has none); as its own stage, the product is int32 x int32 -> int64, which
+    LLVM makes a multiply-high (HVX vmpye/vmpyo)."""
+    from tvm import te, tirx
+
+    summed = te.compute(acc.shape, lambda *index: acc[index] + bias_codes[index[axis]], name=REQUANTIZE_STAGES[0])
+
+    def code(*index: Any) -> Any:
+        wide = summed[index].astype("int64") * multiplier[index[axis]].astype("int64")
+        value = ((wide + tirx.const(1 << (shift - 1), "int64")) >> tirx.const(shift, "int64")).astype("int32")
+        return tirx.max(tirx.min(value + zero_point, bounds[1]), bounds[0])
+
+    codes = te.compute(acc.shape, code, name=REQUANTIZE_STAGES[1])
+    return te.compute(acc.shape, lambda *index: codes[index].astype(dtype), name="requantize_cast")
