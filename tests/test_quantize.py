@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -291,6 +292,48 @@ def test_cli_quantize_int8_and_verify(digits: dict, tmp_path: Path) -> None:
     missing = run_socc("compile", digits["model"], "-o", tmp_path / "none", "--quantize", "int8", "-q")
     assert missing.code == 2 and missing.stderr.strip().count("\n") == 0
     assert "needs calibration data" in missing.stderr
+
+
+def _mlp_with_an_outlier_channel(path: Path) -> Path:
+    """fc1 -> relu -> fc2 -> fc3, where one of fc1's channels is offset by +200 and fc2 ignores it:
+    fc2's per-tensor input range is set by that channel, so the channels fc2 reads are crushed."""
+    rng = np.random.default_rng(7)
+    bias = np.zeros(64, np.float32)
+    bias[5] = 200.0
+    w2 = (rng.standard_normal((64, 16)) / 8).astype(np.float32)
+    w2[5] = 0.0
+    inits = [numpy_helper.from_array((rng.standard_normal((32, 64)) / 6).astype(np.float32), "W1"),
+             numpy_helper.from_array(bias, "B1"), numpy_helper.from_array(w2, "W2"),
+             numpy_helper.from_array((rng.standard_normal((16, 8)) / 4).astype(np.float32), "W3")]
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="fc1"), helper.make_node("Add", ["h", "B1"], ["hb"], name="bias1"),
+             helper.make_node("Relu", ["hb"], ["a"], name="relu"), helper.make_node("MatMul", ["a", "W2"], ["b"], name="fc2"),
+             helper.make_node("MatMul", ["b", "W3"], ["y"], name="fc3")]
+    graph = helper.make_graph(nodes, "outlier_mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_verify_per_layer_ranks_the_layer_that_breaks(tmp_path: Path) -> None:
+    model = _mlp_with_an_outlier_channel(tmp_path / "outlier.onnx")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((8, 4, 32)).astype(np.float32))
+    np.savez(tmp_path / "test.npz", x=rng.standard_normal((4, 32)).astype(np.float32))
+    built = run_socc("compile", model, "-o", tmp_path / "q", "--quantize", "int8", "--calibration", tmp_path / "calib.npz",
+                     "--calibrate-method", "minmax", "-q")
+    assert built.code == 0, built.stderr
+    verified = run_socc("verify", tmp_path / "q", "--model", model, "--inputs", tmp_path / "test.npz", "--per-layer", "--json")
+    layers = json.loads(verified.stdout)["layers"]
+    by_name = {layer["name"]: layer for layer in layers}
+    # worst first; fc1 (onnxsim merges it with its bias into a Gemm, which it renames) is before the outlier: the best
+    first = layers[-1]
+    assert len(layers) == 3 and {"fc2", "fc3"} <= set(by_name) and all(layer["mode"] == "int8" for layer in layers)
+    assert first["name"] not in ("fc2", "fc3") and first["sqnr_db"] > 35
+    assert by_name["fc2"]["sqnr_db"] < first["sqnr_db"] - 15  # where it breaks
+    text = run_socc("verify", tmp_path / "q", "--model", model, "--inputs", tmp_path / "test.npz", "--per-layer").stdout
+    assert re.search(r"^  fc2\s+MatMul\s+int8\s+[\d.]+ dB", text, re.M)
+    plain = run_socc("verify", tmp_path / "q", "--model", model, "--per-layer", "--inputs", tmp_path / "test.npz", "--json")
+    assert json.loads(plain.stdout)["layers"] == layers  # deterministic
 
 
 # ----------------------------------------------------------------------- pre-quantized ONNX (QDQ)

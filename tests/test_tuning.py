@@ -40,6 +40,13 @@ def test_tuned_records_are_applied_by_later_compiles(tiny_mlp: Path, tmp_path: P
     again = api.compile(tiny_mlp, "host", tmp_path / "again", shape=SHAPE, tuning_db=db, progress=False)
     assert again.manifest["files"] == tuned.manifest["files"]  # the same records give the same bytes
 
+    records = (db / "host" / "database_tuning_record.json").read_text()
+    repeat = api.tune(tiny_mlp, "host", db, shape=SHAPE, trials=2, progress=False)  # kernels with records are kept
+    tuned_names = {k["name"] for k in report["kernels"] if k["best_ms"] is not None}
+    kept = {k["name"] for k in repeat["kernels"] if k["error"] == "already tuned (record kept)"}
+    assert tuned_names <= kept and repeat["tuned"] == 0
+    assert (db / "host" / "database_tuning_record.json").read_text() == records
+
 
 def test_tune_refuses_targets_it_cannot_measure(tiny_mlp: Path, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="cannot run here"):

@@ -232,13 +232,16 @@ def tune(
     calibration: str | Path | Iterable[Mapping[str, Any]] | None = None,
     calibrate_method: str = "mse",
     activation_dtype: str = "uint8",
+    skip_fusion: Sequence[str] = (),
+    retune: bool = False,
     progress: bool | Progress = True,
 ) -> dict[str, Any]:
     """Tunes the kernels a compile of `model` for `target` would build (MetaSchedule, measured on this
     machine: host only), `trials` in all, stopping after `time_budget` seconds. The records go to
-    `tuning_db` (default: the user's cache) and later `compile` calls with the same options use them."""
+    `tuning_db` (default: the user's cache) and later `compile` calls with the same options use them.
+    Kernels that already have a record (shipped or in `tuning_db`) are skipped unless `retune`."""
     from .importer import Limits, parse_shape_options
-    from .pipeline import run_passes, select_passes
+    from .pipeline import check_fusion_names, run_passes, select_passes
     from .tuning import cost_model, tune_kernels, user_database_root
 
     log = progress if isinstance(progress, Progress) else Progress(enabled=bool(progress))
@@ -248,7 +251,8 @@ def tune(
     if trials < 1 or time_budget <= 0:
         raise UserError("--trials must be >= 1 and --time-budget > 0")
     shapes = parse_shape_options(shape, Limits(MAX_MODEL_BYTES, MAX_TENSOR_ELEMENTS))
-    options = {"shape": {k: list(v) for k, v in sorted(shapes.items())}, "max_shape": {},
+    check_fusion_names(skip_fusion)
+    options = {"shape": {k: list(v) for k, v in sorted(shapes.items())}, "max_shape": {}, "skip_fusion": sorted(skip_fusion),
                **_quantize_options(quantize, calibration, calibrate_method, activation_dtype)}
     imported, ctx = _import_with_context(Path(model), profile, shapes, Limits(MAX_MODEL_BYTES, MAX_TENSOR_ELEMENTS), no_simplify,
                                          calibration, options, log, tuning_db)
@@ -256,7 +260,7 @@ def tune(
     before = selected[: [p.name for p in selected].index("apply-tuning")]
     mod, _ = run_passes(imported.mod, before, ctx, log)
     folder = user_database_root(tuning_db) / profile.name
-    kernels = tune_kernels(mod, ctx.target, folder, trials, time_budget, log)
+    kernels = tune_kernels(mod, ctx.target, folder, trials, time_budget, log, known=() if retune else ctx.tuning_databases)
     return {"database": str(folder), "target": profile.name, "kernels": [k.to_json() for k in kernels],
             "tuned": sum(k.best_ms is not None for k in kernels), "cost_model": cost_model(),
             "note": "measured on this machine (host); cross targets are not tuned here"}
@@ -405,16 +409,20 @@ def verify(
     seed: int = 0,
     min_cosine: float | None = None,
     labels: Any = None,
+    per_layer: bool = False,
 ) -> VerifyReport:
     """Runs the artifact and onnxruntime on the source model with the same inputs and compares.
 
-    With `labels`, also top-1 accuracy of artifact and reference and their agreement.
+    With `labels`, also top-1 accuracy of artifact and reference and their agreement. With
+    `per_layer` (quantized artifacts), every quantized layer's output against the float model's,
+    worst first: the model is quantized again on the host with the artifact's options to tap them.
 
     A quantized artifact is compared with the float source by cosine (`min_cosine`, default by scheme)."""
     from .verify import verify_artifact
 
     art = artifact if isinstance(artifact, Artifact) else load(artifact)
-    return verify_artifact(art, model=model, inputs=inputs, dim=dim, rtol=rtol, seed=seed, min_cosine=min_cosine, labels=labels)
+    return verify_artifact(art, model=model, inputs=inputs, dim=dim, rtol=rtol, seed=seed, min_cosine=min_cosine, labels=labels,
+                           per_layer=per_layer)
 
 
 def bench(

@@ -142,18 +142,21 @@ def rebuild_command(artifact: Path, model: Path | None, output: Path | None, qui
 @click.option("--calibration", type=click.Path(path_type=Path))
 @click.option("--calibrate-method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default="mse", show_default=True)
 @click.option("--activation-dtype", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True)
+@click.option("--skip-fusion", multiple=True, metavar="PATTERN", help="Tune the kernels of a build with this fusion off (as for compile). Repeatable.")
+@click.option("--retune", is_flag=True, help="Tune kernels that already have a record too.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
 @json_option
 def tune_command(model: Path, target: str, tuning_db: Path | None, shape: tuple[str, ...], trials: int, time_budget: float,
-                 quantize: str | None, calibration: Path | None, calibrate_method: str, activation_dtype: str, quiet: bool,
-                 as_json: bool) -> None:
+                 quantize: str | None, calibration: Path | None, calibrate_method: str, activation_dtype: str,
+                 skip_fusion: tuple[str, ...], retune: bool, quiet: bool, as_json: bool) -> None:
     """Tune MODEL's kernels with MetaSchedule; later compiles with the same options use the records."""
     _state["json"] = as_json
     result = api.tune(model, target, tuning_db, shape=list(shape), trials=trials, time_budget=time_budget, quantize=quantize,
                       calibration=calibration, calibrate_method=calibrate_method, activation_dtype=activation_dtype,
-                      progress=not quiet)
+                      skip_fusion=_split_commas(skip_fusion), retune=retune, progress=not quiet)
     lines = [f"{k['name']:<48}x{k['weight']:<3}{k['trials']:>5} trials  "
-             + (f"best {k['best_ms']:.4f} ms" if k["best_ms"] is not None else f"default kept: {k['error']}") for k in result["kernels"]]
+             + (f"best {k['best_ms']:.4f} ms" if k["best_ms"] is not None else k["error"] if k["trials"] == 0 else f"default kept: {k['error']}")
+             for k in result["kernels"]]
     lines.append(f"{result['tuned']}/{len(result['kernels'])} kernels tuned; records in {result['database']} ({result['note']})")
     _emit(result, "\n".join(lines))
 
@@ -200,14 +203,15 @@ def run_command(artifact: Path, inputs_path: Path, outputs_path: Path, as_json: 
 @click.option("--rtol", type=float, help="Max relative error allowed (default by dtype: float32 1e-4).")
 @click.option("--min-cosine", type=float, help="Quantized artifacts: min cosine against the float model (default int8 0.99, int4-weight 0.97).")
 @click.option("--labels", type=click.Path(path_type=Path), help=".npy/.npz of class indices: adds top-1 accuracy and agreement of the first output.")
+@click.option("--per-layer", is_flag=True, help="Quantized artifacts: each quantized layer's output vs the float model, worst first.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @json_option
 def verify_command(artifact: Path, inputs_path: Path | None, model: Path | None, dim: tuple[str, ...],
-                   rtol: float | None, seed: int, as_json: bool, min_cosine: float | None, labels: Path | None) -> None:
+                   rtol: float | None, seed: int, as_json: bool, min_cosine: float | None, labels: Path | None, per_layer: bool) -> None:
     """Run an artifact and onnxruntime on the same inputs; exit 1 if outside tolerance."""
     _state["json"] = as_json
     report = api.verify(artifact, model=model, inputs=inputs_path, dim=list(dim), rtol=rtol, seed=seed, min_cosine=min_cosine,
-                        labels=labels)
+                        labels=labels, per_layer=per_layer)
     _emit(report.to_json(), report.table())
     if not report.ok:
         sys.exit(1)

@@ -54,8 +54,9 @@ def tuning_target(target: Any) -> Any:
 
 
 def tune_kernels(mod: Any, target: Any, folder: Path, trials: int, time_budget: float, progress: Progress,
-                 builder_timeout: float = 180.0) -> list[KernelTuning]:
-    """Tunes the module's kernels (one MetaSchedule task each) into the database in `folder`."""
+                 builder_timeout: float = 180.0, known: tuple[str, ...] = ()) -> list[KernelTuning]:
+    """Tunes the module's kernels (one MetaSchedule task each) into the database in `folder`;
+    kernels that already have a record in one of the `known` database folders are left as they are."""
     import logging
 
     import numpy as np
@@ -64,6 +65,12 @@ def tune_kernels(mod: Any, target: Any, folder: Path, trials: int, time_budget: 
     target = tuning_target(target)
     tasks = ms.relax_integration.extract_tasks(mod, target)
     tasks = sorted(tasks, key=lambda t: (-_flops(t.dispatched[0]) * t.weight, t.task_name))
+    recorded = [ms.database.JSONDatabase(work_dir=known_folder) for known_folder in known if Path(known_folder, "database_workload.json").exists()]
+    results = [KernelTuning(t.task_name, int(t.weight), 0, None, "already tuned (record kept)")
+               for t in tasks if any(db.has_workload(t.dispatched[0]) for db in recorded)]
+    tasks = [t for t in tasks if not any(db.has_workload(t.dispatched[0]) for db in recorded)]
+    if not tasks:
+        return results
     folder.mkdir(parents=True, exist_ok=True)
     database = ms.database.JSONDatabase(work_dir=str(folder))
     per_kernel = max(trials // max(len(tasks), 1), 1)
@@ -72,7 +79,6 @@ def tune_kernels(mod: Any, target: Any, folder: Path, trials: int, time_budget: 
     builder = ms.builder.LocalBuilder(timeout_sec=builder_timeout)
     runner = ms.runner.LocalRunner()
     start = time.monotonic()
-    results = []
     for index, task in enumerate(tasks):
         if time.monotonic() - start > time_budget:
             results.append(KernelTuning(task.task_name, int(task.weight), 0, None, "time budget spent"))

@@ -65,6 +65,9 @@ class VerifyReport:
     inputs: str
     outputs: list[OutputComparison]
     top1: TopOneReport | None = None
+    layers: list[Any] | None = None  # --per-layer: layerwise.LayerError, worst SQNR first
+
+    WORST_LAYERS_SHOWN = 10
 
     @property
     def ok(self) -> bool:
@@ -85,6 +88,12 @@ class VerifyReport:
             t = self.top1
             lines.append(f"top-1 on {t.samples} labels ({t.output}): artifact {t.accuracy:.2%}, reference {t.reference_accuracy:.2%}, "
                          f"agreement {t.agreement:.2%}")
+        if self.layers is not None:
+            shown = self.layers[: self.WORST_LAYERS_SHOWN]
+            lines.append(f"per layer vs the float model, worst {len(shown)} of {len(self.layers)} quantized layers "
+                         "(errors accumulate from the input on):")
+            lines += [f"  {e.name:<40}{e.op_type:<8}{e.mode:<13}{e.sqnr_db:7.1f} dB  cosine {e.cosine:.6f}  max_abs {e.max_abs:.3e}"
+                      for e in shown]
         lines.append("PASS" if self.ok else "FAIL")
         return "\n".join(lines)
 
@@ -187,11 +196,13 @@ def verify_artifact(
     seed: int = 0,
     min_cosine: float | None = None,
     labels: Any = None,
+    per_layer: bool = False,
 ) -> VerifyReport:
     """Compares with onnxruntime on the source model; a quantized artifact by cosine (see module doc).
 
     `labels` (an integer array, or a .npy/.npz file holding one) adds top-1 accuracy and agreement
-    of the first output, read as class scores over its last axis."""
+    of the first output, read as class scores over its last axis. `per_layer` (quantized artifacts)
+    adds every quantized layer's output against the float model's, worst first (layerwise.py)."""
     scheme = artifact.manifest.get("quantization", {}).get("scheme", "none")
     if min_cosine is None and scheme != "none":
         min_cosine = DEFAULT_MIN_COSINE[scheme]
@@ -213,7 +224,12 @@ def verify_artifact(
         raise ArtifactError(f"onnxruntime failed on {source}: {str(exc).strip().splitlines()[0]}") from None
     comparisons = [compare(name, np.asarray(actual[name]), np.asarray(reference[name]), rtol, min_cosine) for name in names]
     top1 = None if labels is None else top_one(names[0], np.asarray(actual[names[0]]), np.asarray(reference[names[0]]), load_labels(labels))
-    return VerifyReport(str(artifact.path), artifact.target["name"], str(source), described, comparisons, top1)
+    layers = None
+    if per_layer:
+        from .layerwise import per_layer_errors  # the compiler: the model is quantized again to look inside
+
+        layers = per_layer_errors(artifact, source, feed)
+    return VerifyReport(str(artifact.path), artifact.target["name"], str(source), described, comparisons, top1, layers)
 
 
 def load_labels(labels: Any) -> np.ndarray:
