@@ -165,6 +165,10 @@ def _prequantized(mod: Any, ctx: CompileContext) -> tuple[Any, dict[str, Any]]:
     kernels, taking `q` itself and the model's own scale and zero point. No calibration."""
     from tvm import relax
 
+    mod, integer_matmuls = _integer_operand_matmuls(mod)
+    names = list(ctx.source_nodes.get("MatMulInteger", ()))
+    integer_layers = [{"name": names[i] if i < len(names) else f"MatMulInteger_{i}", "op_type": "MatMulInteger", "mode": "int8"}
+                      for i in range(integer_matmuls)]
     main = mod["main"]
     bound = relax.analysis.get_var2val(main)
     layers = find_layers(main, ctx.source_nodes)
@@ -182,11 +186,89 @@ def _prequantized(mod: Any, ctx: CompileContext) -> tuple[Any, dict[str, Any]]:
             layer.mode, layer.quantized_input, layer.levels = "int8", source[0], levels
             layer.scale, layer.zero_point = source[1], source[2]
     if not any(layer.mode in ("int8", "int4-weight") for layer in layers):
+        if integer_matmuls:
+            return mod, {"scheme": "matmul-integer", "integer_matmuls": integer_matmuls, "weight_scheme": "the model's own",
+                         "layers_by_mode": {"int8": integer_matmuls}, "layers": integer_layers}
         return mod, {"scheme": "none"}
     layers = [layer for layer in layers if layer.mode != "float" or layer.op_type != "Gather"]
     stats = {"scheme": "qdq" if any(layer.mode == "int8" for layer in layers) else "matmul-nbits",
              "weights_bytes_float": constant_bytes(mod), "weight_scheme": "the model's own"}
-    return _rewrite(mod, layers, ctx.options, stats)
+    mod, stats = _rewrite(mod, layers, ctx.options, stats)
+    if integer_matmuls:
+        stats["integer_matmuls"] = integer_matmuls
+        stats["layers"] += integer_layers
+        stats["layers_by_mode"]["int8"] = stats["layers_by_mode"].get("int8", 0) + integer_matmuls
+    return mod, stats
+
+
+def _integer_operand_matmuls(mod: Any) -> tuple[Any, int]:
+    """onnxruntime's dynamic quantization (DynamicQuantizeLinear + MatMulInteger): TVM imports
+    MatMulInteger as an int32 x int32 matmul of `int32(a) - a_zero_point` and the widened int8
+    weight. Where the weight is a constant on the int8 range (zero point 0), the matmul takes the
+    8-bit `a` and the int8 weight instead (our uint8/int8 x int8 -> int32 kernel) and subtracts
+    `a_zero_point * column sums`: the same integers, from 8-bit operands."""
+    from tvm import relax
+
+    main = mod["main"]
+    bound = relax.analysis.get_var2val(main)
+    rewritten = 0
+
+    @relax.expr_functor.mutator
+    class Narrow(relax.PyExprMutator):
+        def visit_call_(self, call: Any) -> Any:
+            nonlocal rewritten
+            call = self.visit_expr_post_order(call)
+            if getattr(call.op, "name", "") != "relax.matmul" or str(call.attrs.out_dtype) != "int32":
+                return call
+            weight = _constant_integers(call.args[1], bound)
+            operand = _widened_operand(call.args[0], bound)
+            if weight is None or weight.ndim != 2 or weight.min() < -128 or weight.max() > 127 or operand is None:
+                return call
+            data, zero_point = operand
+            acc = relax.op.matmul(data, relax.const(weight.astype(np.int8)), out_dtype="int32")
+            if zero_point is not None:
+                column_sums = relax.const(weight.astype(np.int64).sum(axis=0).astype(np.int32))
+                acc = relax.op.subtract(acc, relax.op.multiply(zero_point, column_sums))
+            rewritten += 1
+            return acc
+
+    mutator = Narrow(mod)
+    mutator.builder_.update_func(mod.get_global_var("main"), mutator.visit_expr(main))
+    result = mutator.builder_.get()
+    return (relax.transform.DeadCodeElimination()(relax.transform.Normalize()(result)) if rewritten else mod), rewritten
+
+
+def _widened_operand(expr: Any, bound: Any) -> tuple[Any, Any] | None:
+    """(8-bit a, int32 zero point or None) when expr is `int32(a) - zero_point` or `int32(a)`."""
+    value = bound.get(expr, expr)
+    zero_point = None
+    if getattr(getattr(value, "op", None), "name", "") == "relax.subtract":
+        zero_point = value.args[1]
+        if _dtype(zero_point) != "int32" or len(zero_point.ty.shape) != 0:
+            return None
+        value = bound.get(value.args[0], value.args[0])
+    if getattr(getattr(value, "op", None), "name", "") != "relax.astype" or _dtype(value.args[0]) not in ("uint8", "int8"):
+        return None
+    return value.args[0], zero_point
+
+
+def _constant_integers(expr: Any, bound: Any) -> np.ndarray | None:
+    """The value of a constant integer expression (constants through astype, add, subtract), else None."""
+    import tvm
+
+    value = bound.get(expr, expr)
+    if isinstance(value, tvm.ir.expr.Constant):
+        array = value.value.numpy()
+        return array.astype(np.int64) if np.issubdtype(array.dtype, np.integer) else None
+    name = getattr(getattr(value, "op", None), "name", "")
+    if name == "relax.astype":
+        return _constant_integers(value.args[0], bound)
+    if name in ("relax.add", "relax.subtract"):
+        lhs, rhs = _constant_integers(value.args[0], bound), _constant_integers(value.args[1], bound)
+        if lhs is None or rhs is None:
+            return None
+        return lhs + rhs if name == "relax.add" else lhs - rhs
+    return None
 
 
 def _from_matmul_nbits(layer: Layer, table: Any) -> bool:

@@ -376,6 +376,34 @@ def test_onnxruntime_quantized_model_runs_on_integer_kernels(digits: dict, tmp_p
         assert np.max(np.abs(actual - optimized)) <= step * 1.001
 
 
+def test_dynamically_quantized_model_runs_on_8bit_integer_kernels(tmp_path: Path) -> None:
+    """onnxruntime's quantize_dynamic (DynamicQuantizeLinear + MatMulInteger): the matmuls take the
+    8-bit activations and int8 weights; the int32 products are ONNX's exactly (onnxruntime's own
+    are too with reduce_range: its AVX2 u8s8 path saturates int16 sums otherwise)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    rng = np.random.default_rng(2)
+    inits = [numpy_helper.from_array((rng.standard_normal((64, 96)) / 8).astype(np.float32), "W1"),
+             numpy_helper.from_array((rng.standard_normal(96) / 10).astype(np.float32), "B1"),
+             numpy_helper.from_array((rng.standard_normal((96, 32)) / 10).astype(np.float32), "W2")]
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="fc1"), helper.make_node("Add", ["h", "B1"], ["hb"], name="bias1"),
+             helper.make_node("Relu", ["hb"], ["a"], name="relu"), helper.make_node("MatMul", ["a", "W2"], ["y"], name="fc2")]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 32])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "mlp.onnx")
+    quantize_dynamic(str(tmp_path / "mlp.onnx"), str(tmp_path / "dyn.onnx"), weight_type=QuantType.QInt8, reduce_range=True)
+    assert sum(n.op_type == "MatMulInteger" for n in onnx.load(tmp_path / "dyn.onnx").graph.node) == 2
+    art = api.compile(tmp_path / "dyn.onnx", "host", tmp_path / "dyn.host", progress=False)
+    quant = art.manifest["quantization"]
+    assert quant["scheme"] == "matmul-integer" and quant["integer_matmuls"] == 2
+    assert quant["weights_bytes"] < 12_000  # int8 weights (9216 bytes) + bias + column sums; float: 37,248
+    feed = {"x": rng.standard_normal((8, 64)).astype(np.float32)}
+    expected = ort.InferenceSession(str(tmp_path / "dyn.onnx")).run(None, feed)[0]
+    np.testing.assert_allclose(art.run(feed)["y"], expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    report = api.verify(art, model=tmp_path / "dyn.onnx")
+    assert report.ok and report.outputs[0].criterion == "cosine"
+
+
 def test_max_accuracy_drop_keeps_the_most_sensitive_layers_in_float(digits: dict, tmp_path: Path) -> None:
     def build(max_drop: float) -> dict:
         art = api.compile(digits["model"], "host", tmp_path / f"drop{max_drop}", quantize="int8",

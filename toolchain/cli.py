@@ -276,7 +276,8 @@ def inspect_command(artifact: Path, as_json: bool) -> None:
         lines.append("memory   " + " ".join(f"{k}={v}" for k, v in m["memory"].items()))
     quant = m.get("quantization", {"scheme": "none"})
     if quant["scheme"] != "none":
-        lines.append(f"quant    {quant['scheme']} weights {quant['weights_bytes']} bytes ({quant['weights_ratio']:.1%} of float) "
+        ratio = f" ({quant['weights_ratio']:.1%} of float)" if "weights_ratio" in quant else ""
+        lines.append(f"quant    {quant['scheme']} weights {quant['weights_bytes']} bytes{ratio} "
                      + " ".join(f"{k}={v}" for k, v in quant["layers_by_mode"].items()))
         lines += [f"layer    {q['name']:<40}{q['mode']}" for q in quant["quantized"]]
         lines += [f"layer    {q['name']:<40}float: {q['reason']}" for q in quant["kept_float"]]

@@ -51,10 +51,11 @@ def quantization_section(records: Sequence[PassRecord], memory: dict[str, Any]) 
     if stats.get("scheme", "none") == "none":
         return {"scheme": "none"}
     keys = ("scheme", "activation_dtype", "observer", "calibration_samples", "weight_scheme", "group_size",
-            "int8_embeddings", "rounding", "requantize", "integer_requantized", "layers_by_mode", "weights_bytes_float", "sensitivity")
+            "int8_embeddings", "rounding", "requantize", "integer_requantized", "integer_matmuls", "layers_by_mode", "weights_bytes_float", "sensitivity")
     section = {key: stats[key] for key in keys if key in stats}
     section["weights_bytes"] = memory["weights_bytes"]  # of the built module: what ships
-    section["weights_ratio"] = round(memory["weights_bytes"] / max(stats["weights_bytes_float"], 1), 4)
+    if "weights_bytes_float" in stats:  # not for models that came quantized without float weights (MatMulInteger)
+        section["weights_ratio"] = round(memory["weights_bytes"] / max(stats["weights_bytes_float"], 1), 4)
     section["kept_float"] = [{"name": layer["name"], "op_type": layer["op_type"], "reason": layer["reason"]}
                              for layer in stats["layers"] if layer["mode"] == "float"]
     section["quantized"] = [layer for layer in stats["layers"] if layer["mode"] != "float"]
@@ -122,8 +123,9 @@ def write_report(folder: Path, manifest: dict[str, Any], memory: dict[str, Any],
     quant = manifest.get("quantization", {})
     if quant.get("scheme", "none") != "none":
         lines += ["", "## Quantization", "",
-                  f"- scheme {quant['scheme']}; weights {quant['weights_bytes']} bytes = {quant['weights_ratio']:.1%} of float"
-                  f" ({quant['weights_bytes_float']} bytes); layers by mode: {quant['layers_by_mode']}", "",
+                  f"- scheme {quant['scheme']}; weights {quant['weights_bytes']} bytes"
+                  + (f" = {quant['weights_ratio']:.1%} of float ({quant['weights_bytes_float']} bytes)" if "weights_ratio" in quant else "")
+                  + f"; layers by mode: {quant['layers_by_mode']}", "",
                   "| layer | op | mode | why float |", "| --- | --- | --- | --- |"]
         lines += [f"| {layer['name']} | {layer['op_type']} | {layer['mode']} | |" for layer in quant["quantized"]]
         lines += [f"| {layer['name']} | {layer['op_type']} | float | {layer['reason']} |" for layer in quant["kept_float"]]
