@@ -404,6 +404,30 @@ def test_dynamically_quantized_model_runs_on_8bit_integer_kernels(tmp_path: Path
     assert report.ok and report.outputs[0].criterion == "cosine"
 
 
+def test_dynamically_quantized_cnn_matches_onnxruntime_exactly(digits: dict, tmp_path: Path) -> None:
+    """quantize_dynamic on the digits CNN: ConvInteger x3 (an exact float Conv of its integers) and
+    MatMulInteger x2 (8-bit kernels), each fed by a DynamicQuantizeLinear: onnxruntime's logits exactly."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    dynamic = tmp_path / "digits_dynamic.onnx"
+    quantize_dynamic(str(digits["model"]), str(dynamic), weight_type=QuantType.QInt8, op_types_to_quantize=["Conv", "MatMul", "Gemm"])
+    art = api.compile(dynamic, "host", tmp_path / "dyn.host", progress=False)
+    assert art.manifest["import"]["qoperators_expanded"] == 3 and art.manifest["quantization"]["integer_matmuls"] == 2
+    feed = {"image": digits["x_test"]}
+    np.testing.assert_array_equal(art.run(feed)["logits"], ort.InferenceSession(str(dynamic)).run(None, feed)[0])
+
+
+def test_conv_integer_with_a_long_reduction_is_refused(tmp_path: Path) -> None:
+    weight = numpy_helper.from_array(np.ones((4, 64, 3, 3), np.int8), "w")  # 576 products per output: float32 would round
+    node = helper.make_node("ConvInteger", ["x", "w"], ["y"], name="wide_conv")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 64, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT32, [1, 4, 6, 6])], [weight])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)]), tmp_path / "wide.onnx")
+    result = run_socc("compile", tmp_path / "wide.onnx", "-o", tmp_path / "out", "-q")
+    assert result.code == 2 and result.stderr.strip().count("\n") == 0
+    assert "ConvInteger node 'wide_conv'" in result.stderr and "576 products" in result.stderr
+
+
 def test_max_accuracy_drop_keeps_the_most_sensitive_layers_in_float(digits: dict, tmp_path: Path) -> None:
     def build(max_drop: float) -> dict:
         art = api.compile(digits["model"], "host", tmp_path / f"drop{max_drop}", quantize="int8",

@@ -6,7 +6,8 @@ and bias as float initializers ((q - zero_point) * scale, exact in float64 then 
 QuantizeLinear(output). The `quantize` pass then finds these layers like any QDQ model's and runs
 them on its integer kernels with the model's own scales (the weights lie on their int8 grid).
 MatMulNBits (4-bit blockwise) becomes a MatMul with the exactly dequantized weight, and its codes
-go to the `quantize` pass by the hash of that weight (see `expand_matmul_nbits`).
+go to the `quantize` pass by the hash of that weight (see `expand_matmul_nbits`). ConvInteger
+(onnxruntime's quantize_dynamic) becomes an exact float Conv of its integers (`_expand_conv_integer`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from onnx import helper, numpy_helper
 
 from .errors import UserError
 
-QOPERATORS = ("QLinearConv", "QLinearMatMul", "QGemm")
+QOPERATORS = ("QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger")
+# ConvInteger runs as a float Conv of exact integers: exact while every partial sum stays under
+# 2^24 (float32's integer range), i.e. for 255 x 127 x K products when K <= FLOAT_EXACT_REDUCTION.
+FLOAT_EXACT_REDUCTION = (1 << 24) // (255 * 128)
 
 
 def expand_qoperators(model: onnx.ModelProto) -> int:
@@ -55,6 +59,8 @@ def _dequantized(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, axis
 
 
 def _expand(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto], graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    if node.op_type == "ConvInteger":
+        return _expand_conv_integer(node, constants, graph)
     inputs = list(node.input) + [""] * (9 - len(node.input))
     prefix = (node.name or node.output[0]) + "_socc"
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -90,6 +96,32 @@ def _expand(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto], graph:
         nodes.append(helper.make_node("QuantizeLinear", [op_out, y_scale, y_zero] if y_zero else [op_out, y_scale], [out],
                                       name=f"{prefix}_quantize"))
     return nodes
+
+
+def _expand_conv_integer(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto], graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """ConvInteger(x, w, x_zero_point, w_zero_point) -> int32 (onnxruntime's quantize_dynamic writes
+    it, x from a DynamicQuantizeLinear): Cast(Conv(DequantizeLinear(x, 1, x_zero_point), w - w_zero_point), int32).
+    The weight must be a constant; a reduction longer than FLOAT_EXACT_REDUCTION is refused (float32
+    would round its sums)."""
+    inputs = list(node.input) + [""] * (4 - len(node.input))
+    prefix = (node.name or node.output[0]) + "_socc"
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    weight = _value(inputs[1], constants, node).astype(np.int64)
+    w_zero = _value(inputs[3], constants, node).astype(np.int64) if inputs[3] else np.zeros(1, np.int64)
+    shifted = weight - (w_zero.reshape(-1, 1, 1, 1) if w_zero.size > 1 else w_zero.reshape(()))
+    reduction = int(np.prod(weight.shape[1:]))
+    if reduction > FLOAT_EXACT_REDUCTION:
+        raise UserError(f"ConvInteger node {node.name or node.output[0]!r}: reduction of {reduction} products per output is "
+                        f"over {FLOAT_EXACT_REDUCTION} (ConvInteger-10), where socc's float form of it would round")
+    weight_name = f"{prefix}_weight"
+    graph.initializer.append(numpy_helper.from_array(shifted.astype(np.float32), weight_name))
+    scale_name = f"{prefix}_one"
+    graph.initializer.append(numpy_helper.from_array(np.array(1.0, np.float32), scale_name))
+    x_float, y_float = f"{prefix}_x", f"{prefix}_y"
+    x_inputs = [inputs[0], scale_name] + ([inputs[2]] if inputs[2] else [])
+    return [helper.make_node("DequantizeLinear", x_inputs, [x_float], name=f"{prefix}_dequantize"),
+            helper.make_node("Conv", [x_float, weight_name], [y_float], name=node.name or prefix, **attrs),
+            helper.make_node("Cast", [y_float], [node.output[0]], name=f"{prefix}_cast", to=onnx.TensorProto.INT32)]
 
 
 def expand_matmul_nbits(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None, int]]:
