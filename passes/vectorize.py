@@ -99,15 +99,16 @@ def _broadcast_free_suffix(block: Any) -> int:
 
 
 def _gathers(block: Any, first: int) -> bool:
-    """Some read of the elementwise block, vectorized over its iter vars from `first` on, would be
-    a gather: its innermost index does not follow the innermost var (a transposed read, e.g. a
-    channels-last accumulator read in NCHW order). LLVM builds gathers lane by lane (scalar loads
-    and inserts): slower and larger than the scalar loop, so such a block stays scalar."""
+    """Some read or write of the elementwise block, vectorized over its iter vars from `first` on,
+    would be a gather or scatter: its innermost index does not follow the innermost var (a
+    transposed access, e.g. a channels-last accumulator read in NCHW order, or a depthwise conv's
+    input copied to [n, h, w, c]). LLVM builds those lane by lane (scalar loads, inserts, byte
+    stores): slower and larger than the scalar loop, so such a block stays scalar."""
     from tvm import tirx
 
     innermost = block.iter_vars[-1].var
     suffix = [iv.var for iv in block.iter_vars[first:]]
-    for region in block.reads:
+    for region in [*block.reads, *block.writes]:
         used = _index_vars(region)
         if not any(var.same_as(u) for var in suffix for u in used):
             continue  # a broadcast
