@@ -262,3 +262,14 @@ def test_empty_optional_input_is_fine(tmp_path: Path) -> None:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "clip.onnx")
     result = run_socc("compile", tmp_path / "clip.onnx", "-o", tmp_path / "art", "-q", "--verify")
     assert result.code == 0, result.stderr
+
+
+def test_shape_output_is_refused_naming_it(tmp_path: Path) -> None:
+    """A graph output made by Shape on a dynamic dim is a Relax shape, not a tensor."""
+    nodes = [helper.make_node("Relu", ["x"], ["y"], name="relu"), helper.make_node("Shape", ["x"], ["dims"], name="shape")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4]),
+                               helper.make_tensor_value_info("dims", TensorProto.INT64, [2])])
+    model = tmp_path / "shape_out.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model)
+    assert_refused(tmp_path, model, expect="model output 'dims' is a shape")

@@ -434,6 +434,9 @@ def _output_specs(mod: Any, names: list[str]) -> list[TensorSpec]:
     fields = list(ret.fields) if isinstance(ret, relax.TupleType) else [ret]
     specs = []
     for name, ty in zip(names, fields):
+        if not isinstance(ty, relax.TensorType):
+            raise UserError(f"model output {name!r} is a {type(ty).__name__.removesuffix('Type').lower()} (e.g. a Shape node's "
+                            "output), not a tensor: socc artifacts return tensors; compute it from a tensor or drop the output")
         shape = tuple(int(v) if hasattr(v, "value") else str(v) for v in ty.shape.values) if ty.shape is not None else ()
         specs.append(TensorSpec(name, shape, str(ty.dtype)))
     return specs
