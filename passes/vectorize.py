@@ -118,6 +118,12 @@ def _gathers(block: Any, first: int) -> bool:
     return False
 
 
+def _fusable_rows(sch: Any, block: Any, loops: list[Any], lanes: int) -> bool:
+    """Fusing `loops` (the trailing loops, every read and write contiguous along them) into one vector
+    loop leaves plain indices only when the buffers are one-dimensional along them."""
+    return len(loops) == 1
+
+
 def _kept_stage(block: Any) -> bool:
     """The int32 stages of an integer requantize (requantize.py) stay blocks of their own: inlined,
     their int32 x int32 -> int64 product becomes a full 64-bit multiply, and the 8-bit cast's 128
@@ -233,7 +239,7 @@ def schedule_kernel(func: Any, vector_bits: int, vector_float: bool,
     the caller's constant must get."""
     from tvm import s_tir, tirx
 
-    stats = {"inlined": 0, "vectorized_loops": 0, "scalar_float_blocks": 0, "gathers_left_scalar": 0}
+    stats = {"inlined": 0, "vectorized_loops": 0, "scalar_float_blocks": 0, "gathers_left_scalar": 0, "rows_left_scalar": 0}
     relayout: dict[int, tuple[int, ...]] = {}
     sch = s_tir.Schedule(func)
     stats["inlined"] = _inline_elementwise(sch)
@@ -258,8 +264,12 @@ def schedule_kernel(func: Any, vector_bits: int, vector_float: bool,
             # vectors as wide as the narrow operands load whole (128 x int8 on HVX), down to half an accumulator vector
             wide, smallest = max(vector_bits // _read_bits(block), lanes), max(lanes // 2, 2)
             strided = _strided_row(block, spatial_vars=[iv.var for iv, kind in zip(block.iter_vars, kinds) if kind == tirx.IterVar.DataPar])
-            if (strided or _vector_width(row, wide, smallest) == 0) and _vectorize_channels(sch, block_rv, wide, smallest, constant_params, relayout):
-                stats["vectorized_loops"] += 1  # too short or strided a row: vectors over the output channels
+            # a row that no vector width divides, or a strided one, would make gathers (a vector over a
+            # fused y*x loop crossing rows has `// W` indices, which TVM vectorizes lane by lane): vectors
+            # over the output channels instead, when the conv allows
+            short = _vector_width(_extent(sch, spatial[-1]) or 0, wide, smallest) == 0
+            if (strided or short) and _vectorize_channels(sch, block_rv, wide, smallest, constant_params, relayout):
+                stats["vectorized_loops"] += 1
                 continue
             if pointwise:  # a 1x1 convolution: its rows are contiguous too, so one loop over the image
                 spatial = [*spatial[:-2], sch.fuse(spatial[-2], spatial[-1])]
@@ -273,8 +283,19 @@ def schedule_kernel(func: Any, vector_bits: int, vector_float: bool,
             if _gathers(block, keep):
                 stats["gathers_left_scalar"] += 1
                 continue
-            fused = sch.fuse(*loops[keep:]) if len(loops) - keep > 1 else loops[-1]
-            if _vectorize_innermost(sch, fused, lanes):
+            # a requantize stage's int64 products on half a vector: LLVM splits them into scalar
+            # 64-bit multiplies (the 16-channel stem: 4620 instructions, 20% HVX); whole vectors only
+            smallest = lanes if _kept_stage(block) else 0
+            # the innermost loop alone when a width divides it; fused loops only where no vector can
+            # cross a row (TVM vectorizes `fused // W` indices lane by lane: gathers)
+            if _vector_width(_extent(sch, loops[-1]) or 0, lanes, smallest):
+                fused = loops[-1]
+            elif _fusable_rows(sch, block, loops[keep:], lanes):
+                fused = sch.fuse(*loops[keep:])
+            else:
+                stats["rows_left_scalar"] += 1
+                continue
+            if _vectorize_innermost(sch, fused, lanes, smallest=smallest):
                 stats["vectorized_loops"] += 1
     return sch.mod["main"], stats, relayout
 
@@ -288,7 +309,7 @@ class Vectorize(GraphPass):
         from tvm import tirx
 
         totals = {"kernels": 0, "kernels_vectorized": 0, "vectorized_loops": 0, "inlined": 0, "scalar_float_blocks": 0,
-                  "gathers_left_scalar": 0, "failed": 0}
+                  "gathers_left_scalar": 0, "rows_left_scalar": 0, "failed": 0}
         if ctx.vector_bits <= 0:
             return mod, {**totals, "skipped": "the target profile gives no vector width"}
         result = mod.clone()
