@@ -84,44 +84,22 @@ def _strided_row(block: Any, spatial_vars: list[Any]) -> bool:
     return re.search(rf"\b{name} \* T\.int64\(\d+\)|\b{name} \* \d+", index) is not None
 
 
-def _broadcast_free_suffix(block: Any) -> int:
-    """How many trailing loops of an elementwise block can be fused into one vector loop: every
-    buffer it reads is indexed by all of them or by none. A per-channel constant read inside the
-    fused loop would be indexed by `fused // (H * W)`, a gather LLVM builds lane by lane; outside
-    it, it is one scalar broadcast."""
-    variables = [iv.var for iv in block.iter_vars]
-    used = [_index_vars(region) for region in block.reads]
-    for count in range(len(variables), 0, -1):
-        suffix = variables[-count:]
-        if all(len({any(var.same_as(u) for u in names) for var in suffix}) == 1 for names in used):
-            return count
-    return 1
-
-
-def _gathers(block: Any, first: int) -> bool:
-    """Some read or write of the elementwise block, vectorized over its iter vars from `first` on,
-    would be a gather or scatter: its innermost index does not follow the innermost var (a
-    transposed access, e.g. a channels-last accumulator read in NCHW order, or a depthwise conv's
-    input copied to [n, h, w, c]). LLVM builds those lane by lane (scalar loads, inserts, byte
-    stores): slower and larger than the scalar loop, so such a block stays scalar."""
+def _gathers(block: Any) -> bool:
+    """Some read or write of the elementwise block, vectorized over its innermost var, would be a
+    gather or scatter: it uses that var, but not as its innermost index (a transposed access, e.g.
+    a channels-last accumulator read in NCHW order). LLVM builds those lane by lane (scalar loads,
+    inserts, byte stores): slower and larger than the scalar loop, so such a block stays scalar.
+    A read that does not use the var (a per-channel constant) is a broadcast."""
     from tvm import tirx
 
     innermost = block.iter_vars[-1].var
-    suffix = [iv.var for iv in block.iter_vars[first:]]
     for region in [*block.reads, *block.writes]:
-        used = _index_vars(region)
-        if not any(var.same_as(u) for var in suffix for u in used):
-            continue  # a broadcast
+        if not any(innermost.same_as(u) for u in _index_vars(region)):
+            continue
         last = tirx.analysis.undefined_vars(region.region[-1].min, [])
         if not any(innermost.same_as(u) for u in last):
             return True
     return False
-
-
-def _fusable_rows(sch: Any, block: Any, loops: list[Any], lanes: int) -> bool:
-    """Fusing `loops` (the trailing loops, every read and write contiguous along them) into one vector
-    loop leaves plain indices only when the buffers are one-dimensional along them."""
-    return len(loops) == 1
 
 
 def _kept_stage(block: Any) -> bool:
@@ -279,29 +257,24 @@ def schedule_kernel(func: Any, vector_bits: int, vector_float: bool,
                 stats["vectorized_loops"] += 1
             sch.decompose_reduction(block_rv, sch.get_loops(block_rv)[len(spatial) - 1])
         else:
-            keep = len(loops) - _broadcast_free_suffix(block)
-            if _gathers(block, keep):
+            if _gathers(block):
                 stats["gathers_left_scalar"] += 1
                 continue
             # a requantize stage's int64 products on half a vector: LLVM splits them into scalar
             # 64-bit multiplies (the 16-channel stem: 4620 instructions, 20% HVX); whole vectors only
             smallest = lanes if _kept_stage(block) else 0
-            # the innermost loop alone when a width divides it; fused loops only where no vector can
-            # cross a row (TVM vectorizes `fused // W` indices lane by lane: gathers)
-            if _vector_width(_extent(sch, loops[-1]) or 0, lanes, smallest):
-                fused = loops[-1]
-            elif _fusable_rows(sch, block, loops[keep:], lanes):
-                fused = sch.fuse(*loops[keep:])
-            else:
+            # the innermost loop alone, when a vector width divides it: fused with the loops around
+            # it, a vector crosses rows and TVM vectorizes its `fused // W` indices lane by lane
+            if not _vector_width(_extent(sch, loops[-1]) or 0, lanes, smallest):
                 stats["rows_left_scalar"] += 1
                 continue
-            if _vectorize_innermost(sch, fused, lanes, smallest=smallest):
+            if _vectorize_innermost(sch, loops[-1], lanes, smallest=smallest):
                 stats["vectorized_loops"] += 1
     return sch.mod["main"], stats, relayout
 
 
 class Vectorize(GraphPass):
-    """For targets with a vector unit (`vector_bits` in the profile), schedules every TIR kernel: inlines elementwise producers (padding, casts, the requantize chain; never a float multiply) into their consumers, moves each reduction's loops outside its innermost spatial loop (init hoisted) and vectorizes that loop by the vector width for the accumulator type (HVX 1024 bits: 32 x int32), or a conv's output channels when its rows are too short (weights relaid channels-last at compile time); elementwise kernels are fused to one loop and vectorized. Blocks with float math stay scalar where the target vectorizes no float (Hexagon under qemu)."""
+    """For targets with a vector unit (`vector_bits` in the profile), schedules every TIR kernel: inlines elementwise producers (padding, casts, the requantize chain; never a float multiply; the integer requantize's int32 stages stay blocks) into their consumers; vectorizes each reduction's innermost contiguous spatial loop by whole vectors of its narrowest operand (HVX: 128 x int8) down to half an accumulator vector, or a conv's output channels when its rows are strided or no width divides them (weights relaid channels-last at compile time); vectorizes an elementwise block's innermost loop when a width divides it and no access would be a gather. Blocks with float math stay scalar where the target vectorizes no float (Hexagon under qemu)."""
 
     name = "vectorize"
 
