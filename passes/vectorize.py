@@ -155,7 +155,8 @@ def _vectorize_channels(sch: Any, block_rv: Any, lanes: int, smallest: int, cons
 
     The weights are laid out [c, kh, kw, f] and the int32 accumulator [n, y, x, f], so both are
     contiguous along f; the input element is a broadcast scalar (a depthwise conv's input, which
-    varies with f, is first copied to [n, h, w, c]). When every call passes the weights
+    varies with f, is first copied to [n, h, w, c]; a conv writing the kernel's output writes a
+    channels-last copy of it first). When every call passes the weights
     as a constant, the kernel takes them in that layout (`relayout` records the parameter, and the
     caller's constants are transposed at compile time); otherwise the kernel copies them at its start."""
     block = sch.get(block_rv)
@@ -174,7 +175,7 @@ def _vectorize_channels(sch: Any, block_rv: Any, lanes: int, smallest: int, cons
     if width == 0:
         return False
     if block.name_hint in {sch.get(b).name_hint for b in sch.get_output_blocks(sch.get_sblock("root"))}:
-        return False  # it writes the kernel's output: that layout is the caller's
+        sch.cache_write(block_rv, 0, "global")  # the output's layout is the caller's: a (scalar) copy writes it
     func = sch.mod["main"]
     param = next((i for i, p in enumerate(func.params) if p.same_as(weight)), None)
     if param is not None and param in constant_params:
