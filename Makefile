@@ -31,7 +31,7 @@ demo: install
 	$(SOCC) verify $(OUT)/mobilenet_v2.arm-cpu
 
 test: install
-	$(PY) -m pytest -q -rs
+	$(PY) -m pytest -q -rs --durations=15
 
 clean:
 	rm -rf $(OUT) .pytest_cache build *.egg-info
