@@ -85,14 +85,20 @@ def tune_kernels(mod: Any, target: Any, folder: Path, trials: int, time_budget: 
             continue
         with progress.stage(f"tune {index + 1}/{len(tasks)} {task.task_name}") as summary:
             try:
-                # MetaSchedule's console log goes to stdout (where --json output goes): errors only
-                # (each run configures it again); its full log is in <folder>/logs.
-                logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.ERROR)
-                contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts([task], str(folder), seed=0)
-                ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(folder), max_trials_global=per_kernel,
-                                   num_trials_per_iter=min(per_kernel, 16), database=database,
-                                   builder=builder, runner=runner,
-                                   cost_model=cost_model())
+                def tune(space: Any) -> None:
+                    # MetaSchedule's console log goes to stdout (where --json output goes): errors only
+                    # (each run configures it again); its full log is in <folder>/logs.
+                    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.ERROR)
+                    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts([task], str(folder), space=space, seed=0)
+                    ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(folder), max_trials_global=per_kernel,
+                                       num_trials_per_iter=min(per_kernel, 16), database=database,
+                                       builder=builder, runner=runner, cost_model=cost_model())
+
+                try:
+                    tune("post-order-apply")
+                except Exception:  # noqa: BLE001 - retried once without the rule that breaks it (see _space_without_auto_inline)
+                    tune(_space_without_auto_inline())
+                    summary.update(rules="without AutoInline")
                 records = database.get_top_k(database.commit_workload(task.dispatched[0]), 1)
                 best = float(np.mean([float(s) for s in records[0].run_secs]) * 1000) if records else None
                 results.append(KernelTuning(task.task_name, int(task.weight), per_kernel, best,
@@ -104,6 +110,17 @@ def tune_kernels(mod: Any, target: Any, folder: Path, trials: int, time_budget: 
                                             f"{type(exc).__name__}: {lines[-1] if lines else ''}"))
                 summary.update(error=type(exc).__name__)
     return results
+
+
+def _space_without_auto_inline() -> Any:
+    """MetaSchedule's CPU rules without AutoInline. With it, the design space of some kernels cannot
+    be built: AutoInline leaves a block whose producer a later compute-at cannot reach (seen on our
+    fused attention kernel: "requires all the producer(s) of the given block to be present under
+    the target loop"); without it the space builds (81 designs for MiniLM's attention)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    rules = [rule for rule in ms.ScheduleRule.create("llvm") if not isinstance(rule, ms.schedule_rule.AutoInline)]
+    return ms.space_generator.PostOrderApply(sch_rules=rules, postprocs="llvm", mutator_probs="llvm")
 
 
 def cost_model() -> str:
