@@ -21,6 +21,7 @@ import numpy as np
 from .artifact import Artifact
 from .errors import UserError
 from .progress import Progress
+from .verify import compare
 
 
 @dataclasses.dataclass
@@ -100,11 +101,5 @@ def per_layer_errors(artifact: Artifact, source: Path, feed: Mapping[str, np.nda
 
 
 def _layer_error(layer: Any, mode: str, reference: np.ndarray, actual: np.ndarray) -> LayerError:
-    ref, got = reference.astype(np.float64).ravel(), actual.astype(np.float64).ravel()
-    noise = float(np.sum((got - ref) ** 2))
-    signal = float(np.sum(ref**2))
-    norms = float(np.linalg.norm(ref) * np.linalg.norm(got))
-    return LayerError(layer.name, layer.op_type, mode, list(reference.shape),
-                      cosine=float(ref @ got / norms) if norms > 0 else 1.0,
-                      sqnr_db=float(10 * np.log10(signal / noise)) if noise > 0 else float("inf"),
-                      max_abs=float(np.abs(got - ref).max(initial=0.0)))
+    measured = compare(layer.name, actual, reference)  # verify's own metrics, as for model outputs
+    return LayerError(layer.name, layer.op_type, mode, measured.shape, measured.cosine, measured.sqnr_db, measured.max_abs)

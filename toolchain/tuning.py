@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .passes.apply_tuning import open_databases
 from .progress import Progress
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "tuning"
@@ -65,10 +66,12 @@ def tune_kernels(mod: Any, target: Any, folder: Path, trials: int, time_budget: 
     target = tuning_target(target)
     tasks = ms.relax_integration.extract_tasks(mod, target)
     tasks = sorted(tasks, key=lambda t: (-_flops(t.dispatched[0]) * t.weight, t.task_name))
-    recorded = [ms.database.JSONDatabase(work_dir=known_folder) for known_folder in known if Path(known_folder, "database_workload.json").exists()]
-    results = [KernelTuning(t.task_name, int(t.weight), 0, None, "already tuned (record kept)")
-               for t in tasks if any(db.has_workload(t.dispatched[0]) for db in recorded)]
-    tasks = [t for t in tasks if not any(db.has_workload(t.dispatched[0]) for db in recorded)]
+    # the databases as apply-tuning opens them: a kernel counts as tuned when a compile would use a record
+    known_database = open_databases(known)
+    recorded = [known_database is not None and known_database.query_tuning_record(t.dispatched[0], target, "main") is not None
+                for t in tasks]
+    results = [KernelTuning(t.task_name, int(t.weight), 0, None, "already tuned (record kept)") for t, r in zip(tasks, recorded) if r]
+    tasks = [t for t, r in zip(tasks, recorded) if not r]
     if not tasks:
         return results
     folder.mkdir(parents=True, exist_ok=True)
