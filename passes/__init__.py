@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .apply_tuning import ApplyTuning
 from .base import CompileContext, GraphPass, TvmPhase
+from .convert_layout import ConvertLayout
 from .decompose import Decompose
 from .fold_constants import FoldConstants
 from .fuse_kernels import FuseKernels
@@ -28,12 +29,15 @@ from .vectorize import Vectorize
 # kernels from tuning records; vectorize leaves a tuned kernel alone.
 # quantize runs on folded constants and before fusion, whose patterns then see integer ops
 # only where they fit (generic FuseOps fuses each integer conv/matmul with its float epilogue).
+# convert-layout (NHWC targets) runs before fold-constants, which stores its weight permutes as
+# HWIO weights, and before quantize, which quantizes convs in either layout.
 # fold-batchnorm must see R.nn.batch_norm, so it runs before decompose; fusion needs folded constants
 # and un-legalized ops, so it runs between fold-constants and legalize (fuse-kernels' FuseTIR then
 # makes one kernel of each group it formed).
 STANDARD_PIPELINE: tuple[type[GraphPass], ...] = (
     FoldBatchNorm,
     Decompose,
+    ConvertLayout,
     FoldConstants,
     Quantize,
     Partition,

@@ -370,13 +370,13 @@ def _te_reference(op_name: str, arg_types: list[Any]) -> Any:
     return next(f for _, f in bb.get().functions_items() if isinstance(f, tirx.PrimFunc))
 
 
-def _canonicalize_clips(mod: Any) -> tuple[Any, Counter[str]]:
+def canonicalize_clips(mod: Any, combine: bool = True) -> tuple[Any, Counter[str]]:
     """The importer's Clip is `call_tir` of TE maximum/minimum with a scalar bound: back to R.clip.
 
     A kernel is recognized only if it is structurally identical to what `emit_te(topi.maximum /
     topi.minimum)` gives for the same argument types, so renamed or hand-written kernels stay.
     minimum(maximum(x, lo), hi) with constant scalars becomes R.clip(x, lo, hi) (bounds inline in
-    the kernel instead of scalar tensor arguments); a lone bound stays R.maximum / R.minimum.
+    the kernel instead of scalar tensor arguments) when `combine`; a lone bound stays R.maximum / R.minimum.
     """
     import tvm
     import tvm_ffi
@@ -415,8 +415,9 @@ def _canonicalize_clips(mod: Any) -> tuple[Any, Counter[str]]:
         counts["clip"] += 1
         return relax.op.clip(matches[lower].args[0], lo, hi)
 
-    if counts:
+    if combine:
         main = relax.analysis.remove_all_unused(relax.dpl.rewrite_call(clip, to_clip, main))
+    if counts:
         mod = mod.clone()
         mod.update_func(mod.get_global_var("main"), main)
         mod = relax.transform.DeadCodeElimination(["main"])(mod)
@@ -562,7 +563,7 @@ class Fusion(GraphPass):
         if inactive:  # without FuseTIR a group would stay a Relax subfunction, hiding its tensors from the planners
             specs, skipped = [], sorted(s.name for s in FUSION_SPECS)
         ops_before, kernels_before = _count_calls(mod), count_kernels(mod)
-        mod, canonical = _canonicalize_clips(mod)
+        mod, canonical = canonicalize_clips(mod)
         patterns = []
         for spec in specs:
             for variant in spec.variants():

@@ -6,7 +6,7 @@ Runs after `fold-constants` (weights are constants) and before `fusion`. Off unl
 every conv2d/matmul fed by a per-tensor dequantize, with a weight exactly on a symmetric int8
 per-channel grid, runs on the same integer kernels with the model's own scales and zero points.
 
-int8 (calibrated). For each `conv2d(x, W)` (NCHW/OIHW) and `matmul(x, W)` with a constant
+int8 (calibrated). For each `conv2d(x, W)` (NCHW/OIHW or NHWC/HWIO) and `matmul(x, W)` with a constant
 float32 weight:
     W  -> Wq = round(W / sw), int8, symmetric per output channel: sw[c] = max|W[c]| / 127
     x  -> xq = clip(round(x / sx) + zx), uint8 asymmetric or int8 symmetric (zx = 0); sx and zx
@@ -56,6 +56,8 @@ DEFAULT_WEIGHT_SCHEME = "asymmetric"
 # (quantize is monotonic, these only select or move values).
 QUANTIZE_COMMUTING_OPS = ("relax.nn.max_pool2d", "relax.reshape", "relax.permute_dims", "relax.flatten")
 # Relax op -> the ONNX op types it is imported from (names come from the source in graph order).
+# (data, kernel, output) layouts a conv2d is quantized in: the model's, and convert-layout's NHWC
+CONV_LAYOUTS = (("NCHW", "OIHW", "NCHW"), ("NHWC", "HWIO", "NHWC"))
 SOURCE_OPS = {"relax.nn.conv2d": ("Conv",), "relax.matmul": ("MatMul", "Gemm"), "relax.take": ("Gather",)}
 OP_TYPE_ALIASES = {"Conv": {"conv", "conv2d"}, "MatMul": {"matmul", "gemm", "dense"}, "Gather": {"gather", "take", "embedding"}}
 
@@ -177,7 +179,7 @@ def _prequantized(mod: Any, ctx: CompileContext) -> tuple[Any, dict[str, Any]]:
             continue
         source = _dequantized_input(layer, bound)
         reason = _weight_reason(layer) if source is not None and layer.op_type != "Gather" else "input is not dequantized"
-        levels = None if reason else _int8_grid(_const(layer.call.args[1]), axis=0 if layer.op_type == "Conv" else 1)
+        levels = None if reason else _int8_grid(_const(layer.call.args[1]), axis=_weight_out_axis(layer))
         if not reason and levels is None:
             reason = "weight is not on a symmetric int8 per-channel grid"
         if reason:
@@ -381,8 +383,9 @@ def _weight_reason(layer: Layer) -> str:
         return f"weight dtype is {weight.dtype}, not float32"
     if layer.op_type == "Conv":
         attrs = call.attrs
-        if str(attrs.data_layout) != "NCHW" or str(attrs.kernel_layout) != "OIHW":
-            return f"layout {attrs.data_layout}/{attrs.kernel_layout} (quantized only in NCHW/OIHW)"
+        layouts = (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout))
+        if layouts not in CONV_LAYOUTS:
+            return f"layout {'/'.join(layouts)} (quantized only in {', '.join('/'.join(pair) for pair in CONV_LAYOUTS)})"
         if str(attrs.out_dtype) not in ("", "None", "float32"):
             return f"output dtype {attrs.out_dtype}"
     elif weight.ndim != 2:
@@ -390,6 +393,11 @@ def _weight_reason(layer: Layer) -> str:
     elif layer.op_type == "Gather" and int(call.attrs.axis) != 0:
         return "gather along an axis other than rows"
     return ""
+
+
+def _weight_out_axis(layer: Layer) -> int:
+    """The axis of a conv/matmul weight that runs along the output channels."""
+    return str(layer.call.attrs.kernel_layout).index("O") if layer.op_type == "Conv" else 1
 
 
 def _distinct_inputs(layers: list[Layer]) -> tuple[list[Any], dict[int, int]]:
@@ -764,20 +772,24 @@ class _Rewriter:
         from tvm import relax
 
         op, attrs = relax.op, call.attrs
-        wq, w_scale = quantize_per_channel(_const(call.args[1]), axis=0, levels=layer.levels)
+        data_layout, kernel_layout = str(attrs.data_layout), str(attrs.kernel_layout)
+        out_axis = _weight_out_axis(layer)
+        wq, w_scale = quantize_per_channel(_const(call.args[1]), axis=out_axis, levels=layer.levels)
         xq = self.activation(mutator, call.args[0], layer)
         padding = [int(p) for p in attrs.padding]
         if layer.zero_point and any(padding):  # pad with the zero point: real 0, as the float conv pads
             top, left, bottom, right = padding
-            xq = op.nn.pad(xq, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(layer.zero_point))
+            sides = {"H": [top, bottom], "W": [left, right]}
+            xq = op.nn.pad(xq, [width for axis in data_layout for width in sides.get(axis, [0, 0])], pad_value=float(layer.zero_point))
             padding = [0, 0, 0, 0]
         acc = op.nn.conv2d(xq, relax.const(wq), strides=attrs.strides, padding=padding, dilation=attrs.dilation,
-                           groups=int(attrs.groups), data_layout="NCHW", kernel_layout="OIHW", out_dtype="int32")
+                           groups=int(attrs.groups), data_layout=data_layout, kernel_layout=kernel_layout, out_dtype="int32")
+        channel_shape = [-1 if axis == "C" else 1 for axis in data_layout]  # one value per output channel
         if layer.zero_point:
-            correction = (layer.zero_point * wq.astype(np.int64).sum(axis=(1, 2, 3))).astype(np.int32)
-            acc = op.subtract(acc, relax.const(correction.reshape(1, -1, 1, 1)))
-        rescale = (np.float64(layer.scale) * w_scale).astype(np.float32).reshape(1, -1, 1, 1)
-        return self.dequantize(acc, rescale, wq[0].size, mutator)
+            sums = wq.astype(np.int64).sum(axis=tuple(i for i in range(wq.ndim) if i != out_axis))
+            acc = op.subtract(acc, relax.const((layer.zero_point * sums).astype(np.int32).reshape(channel_shape)))
+        rescale = (np.float64(layer.scale) * w_scale).astype(np.float32).reshape(channel_shape)
+        return self.dequantize(acc, rescale, wq.size // wq.shape[out_axis], mutator)
 
     def matmul_int8(self, layer: Layer, call: Any, mutator: Any) -> Any:
         from tvm import relax

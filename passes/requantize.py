@@ -84,10 +84,9 @@ def trace_epilogue(mutator: Any, x: Any, dequantized: dict[int, tuple[Any, np.nd
 
 
 def _activation_bounds(value: Any) -> tuple[float, float, Any] | None:
-    """(low, high, input) when `value` clamps its input: relu, clip, or a call of TVM's TE `maximum`/`minimum`
-    kernels (GlobalVar names as the ONNX importer gives them) with a constant scalar bound."""
+    """(low, high, input) when `value` clamps its input: relu, clip, or maximum/minimum with a constant
+    scalar bound (Relax's ops, or a call of TVM's TE kernels as the ONNX importer writes a Clip)."""
     from tvm import relax
-    from tvm.ir.expr import Constant
 
     if not isinstance(value, relax.Call):
         return None
@@ -96,14 +95,29 @@ def _activation_bounds(value: Any) -> tuple[float, float, Any] | None:
         return 0.0, math.inf, value.args[0]
     if name == "relax.clip":
         return float(value.args[1].value), float(value.args[2].value), value.args[0]
-    if name != "relax.call_tir" or not isinstance(value.args[1], relax.Tuple) or len(value.args[1].fields) != 2:
+    found = _clamp_operands(value)
+    if found is None:
         return None
-    kernel = value.args[0].name_hint.rstrip("0123456789")
-    data, bound = value.args[1].fields
-    if kernel not in ("maximum", "minimum") or not isinstance(bound, Constant) or bound.value.numpy().size != 1:
-        return None
+    kernel, data, bound = found
     limit = float(bound.value.numpy().reshape(()))
     return (limit, math.inf, data) if kernel == "maximum" else (-math.inf, limit, data)
+
+
+def _clamp_operands(call: Any) -> tuple[str, Any, Any] | None:
+    """("maximum" | "minimum", data, bound) when `call` takes the max/min of data and a one-element constant."""
+    from tvm import relax
+    from tvm.ir.expr import Constant
+
+    name = getattr(call.op, "name", "")
+    if name in ("relax.maximum", "relax.minimum"):
+        kind, (data, bound) = name.removeprefix("relax."), call.args
+    elif name == "relax.call_tir" and isinstance(call.args[1], relax.Tuple) and len(call.args[1].fields) == 2:
+        kind, (data, bound) = call.args[0].name_hint.rstrip("0123456789"), call.args[1].fields
+    else:
+        return None
+    if kind not in ("maximum", "minimum") or not isinstance(bound, Constant) or bound.value.numpy().size != 1:
+        return None
+    return kind, data, bound
 
 
 def fixed_point(multiplier: np.ndarray) -> tuple[np.ndarray, int]:

@@ -20,6 +20,7 @@ _LLVM_FEATURE_NAMES = {"fp16": "fullfp16"}
 
 
 REQUANTIZE_MODES = ("float", "integer")  # how int8 layers requantize (TargetProfile.requantize)
+LAYOUTS = ("NCHW", "NHWC")  # the convolutions' layout (TargetProfile.layout)
 
 @dataclasses.dataclass(frozen=True)
 class TargetProfile:
@@ -49,6 +50,9 @@ class TargetProfile:
     # int8 layers requantize their accumulators in "float" (scale multiply, round) or "integer"
     # (fixed-point multiplier and shift: no float left in the kernel, for integer vector units).
     requantize: str = "float"
+    # Convolutions' layout: "NCHW" (the ONNX model's) or "NHWC" (the convert-layout pass: channels
+    # innermost, what vector units with wide integer lanes want).
+    layout: str = "NCHW"
     # "tvm": the artifact runs on the TVM runtime (model.so + run_model). "static": no TVM runtime
     # on the unit here, so socc also writes a static program (generated C driver + C runtime) that
     # calls the kernels directly; `cc` compiles C for the unit, `ld` links objects.
@@ -148,6 +152,8 @@ def _resolve(raw: dict[str, Any], source: str, seen: tuple[str, ...] = ()) -> Ta
         raise UserError(f"target profile {source}: accelerator {data['accelerator']!r} has no [units.{data['accelerator']}] table")
     if data.get("requantize", "float") not in REQUANTIZE_MODES:
         raise UserError(f"target profile {source}: requantize must be one of {', '.join(REQUANTIZE_MODES)}, not {data['requantize']!r}")
+    if data.get("layout", "NCHW") not in LAYOUTS:
+        raise UserError(f"target profile {source}: layout must be one of {', '.join(LAYOUTS)}, not {data['layout']!r}")
     if data.get("runtime", "tvm") not in ("tvm", "static"):
         raise UserError(f"target profile {source}: runtime must be 'tvm' or 'static', not {data['runtime']!r}")
     try:

@@ -57,9 +57,10 @@ def digits(models_dir: Path) -> dict:
 @pytest.fixture(scope="module")
 def digits_int8(digits: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, api.Artifact]:
     out = tmp_path_factory.mktemp("hexagon")
-    # hexagon requantizes in fixed point (its profile says so): the host build does the same to compare bits
+    # hexagon requantizes in fixed point and converts convs to NHWC (its profile says so): the host build
+    # does the same to compare bits (in NCHW, float layers after the convs may round differently)
     return {target: api.compile(digits["model"], target, out / f"digits.{target}", shape=STATIC, quantize="int8",
-                                calibration=digits["calibration"], requantize="integer", progress=False)
+                                calibration=digits["calibration"], requantize="integer", layout="NHWC", progress=False)
             for target in ("host", "hexagon-v73")}
 
 
@@ -124,8 +125,10 @@ def test_artifact_holds_dsp_library_static_program_and_driver(digits_int8: dict[
         assert int.from_bytes(header[18:20], "little") == 164  # EM_HEXAGON
     driver = (art.path / "model_driver.c").read_text()
     calls = re.findall(r"socc_call\(__tvm_ffi_(\w+),", driver)
-    # the planned main's calls: quantize the image, 3 convs, max-pool (on uint8), 2 gemms
-    assert calls[0].startswith("fused_multiply") and calls[3] == "max_pool2d" and len(calls) == 7
+    # the planned main's calls: quantize the image (and transpose it to NHWC), 3 convs, max-pool (on
+    # uint8), the transpose back to NCHW that the flatten needs, 2 gemms
+    assert calls[0].startswith("fused_multiply") and calls[0].endswith("transpose") and calls[3] == "max_pool2d"
+    assert calls[5].startswith("fused_transpose") and len(calls) == 8
     arena = re.search(r"static unsigned char socc_arena\d+\[(\d+)\]", driver)
     assert arena and int(arena.group(1)) == art.manifest["memory"]["arena_bytes"]  # one arena, as planned
 

@@ -15,7 +15,7 @@ from .calibration import calibration_description, calibration_source
 from .importer import MAX_MODEL_BYTES, MAX_TENSOR_ELEMENTS, parse_dim_values
 from .isolate import DEFAULT_MEMORY_BYTES, DEFAULT_TIMEOUT_S
 from .progress import Progress
-from .targets import REQUANTIZE_MODES, TargetProfile, load_profile
+from .targets import LAYOUTS, REQUANTIZE_MODES, TargetProfile, load_profile
 from .verify import VerifyReport
 
 
@@ -64,6 +64,7 @@ def compile(  # noqa: A001 - the toolchain's verb
     int8_embeddings: bool = False,
     max_accuracy_drop: float | None = None,
     requantize: str | None = None,
+    layout: str | None = None,
     tuning_db: str | Path | None = None,
 ) -> Artifact:
     """Compiles an ONNX file for a target profile into an artifact folder (and `.tar.gz` with archive).
@@ -84,6 +85,8 @@ def compile(  # noqa: A001 - the toolchain's verb
     `max_accuracy_drop` (int8) keeps the most sensitive layers in float until the calibration
     set's mean 1 - cosine against float is within it. `requantize` ("float" or "integer",
     default: the target profile's) says how int8 layers requantize their int32 accumulators.
+    `layout` ("NCHW" or "NHWC", default: the target profile's) is the convolutions' layout
+    (the convert-layout pass).
 
     Kernels with a tuning record (`tune`) are scheduled from it: records socc ships for the
     profile, then those in `tuning_db` (default: the user's cache, ~/.cache/socc/tuning).
@@ -92,6 +95,7 @@ def compile(  # noqa: A001 - the toolchain's verb
         if target not in ("host", profile, str(profile)):
             raise UserError("give --target or --profile, not both")
         target = str(profile)
+    check_layout(layout)
     quantize_options = _quantize_options(quantize, calibration, calibrate_method, activation_dtype, exclude_op_type, exclude_node,
                                          group_size, weight_scheme, int8_embeddings, max_accuracy_drop, requantize)
     if isolate:
@@ -106,7 +110,7 @@ def compile(  # noqa: A001 - the toolchain's verb
                       max_shape=parse_dim_values(max_shape, "--max-shape"), max_memory=max_memory,
                       max_model_size=max_model_size, max_tensor_elements=max_tensor_elements,
                       progress=progress.enabled if isinstance(progress, Progress) else bool(progress),
-                      tuning_db=None if tuning_db is None else str(tuning_db), **quantize_options)
+                      tuning_db=None if tuning_db is None else str(tuning_db), layout=layout, **quantize_options)
         if calibration is not None and not isinstance(calibration, (str, Path)):
             raise UserError("calibration from a Python iterable needs isolate=False (or save it as .npz and pass the path)")
         kwargs["calibration"] = None if calibration is None else str(calibration)
@@ -149,6 +153,7 @@ def compile(  # noqa: A001 - the toolchain's verb
         "tuning_db": None if tuning_db is None else str(tuning_db),
         **quantize_options,
         "requantize": requantize or profile.requantize,
+        "layout": layout or profile.layout,
     }
 
     imported, ctx = _import_with_context(model_path, profile, shapes, limits, no_simplify, calibration, options, log, tuning_db)
@@ -233,6 +238,7 @@ def tune(
     calibrate_method: str = "mse",
     activation_dtype: str = "uint8",
     skip_fusion: Sequence[str] = (),
+    layout: str | None = None,
     retune: bool = False,
     progress: bool | Progress = True,
 ) -> dict[str, Any]:
@@ -252,8 +258,9 @@ def tune(
         raise UserError("--trials must be >= 1 and --time-budget > 0")
     shapes = parse_shape_options(shape, Limits(MAX_MODEL_BYTES, MAX_TENSOR_ELEMENTS))
     check_fusion_names(skip_fusion)
+    check_layout(layout)
     options = {"shape": {k: list(v) for k, v in sorted(shapes.items())}, "max_shape": {}, "skip_fusion": sorted(skip_fusion),
-               **_quantize_options(quantize, calibration, calibrate_method, activation_dtype)}
+               "layout": layout or profile.layout, **_quantize_options(quantize, calibration, calibrate_method, activation_dtype)}
     imported, ctx = _import_with_context(Path(model), profile, shapes, Limits(MAX_MODEL_BYTES, MAX_TENSOR_ELEMENTS), no_simplify,
                                          calibration, options, log, tuning_db)
     selected = select_passes(profile.default_passes)
@@ -264,6 +271,11 @@ def tune(
     return {"database": str(folder), "target": profile.name, "kernels": [k.to_json() for k in kernels],
             "tuned": sum(k.best_ms is not None for k in kernels), "cost_model": cost_model(),
             "note": "measured on this machine (host); cross targets are not tuned here"}
+
+
+def check_layout(layout: str | None) -> None:
+    if layout not in (None, *LAYOUTS):
+        raise UserError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
 
 
 def _quantize_options(quantize: str | None = None, calibration: Any = None, calibrate_method: str = "mse",
@@ -371,6 +383,7 @@ def rebuild(
         cc=options["cc"],
         archive=options.get("archive", False),
         tuning_db=options.get("tuning_db"),
+        layout=options.get("layout"),
         progress=progress,
         **_rebuild_quantize_options(options),
     )

@@ -81,6 +81,7 @@ def cli(debug: bool) -> None:
 @click.option("--max-accuracy-drop", type=float, help="int8: keep the most sensitive layers float until 1 - cosine vs float on the calibration set is within this.")
 @click.option("--int8-embeddings", is_flag=True, help="With int4-weight: embedding tables int8 per row instead of int4.")
 @click.option("--requantize", type=click.Choice(["float", "integer"]), help="int8 requantize in float or fixed-point integer (default: the target's).")
+@click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), help="Convolutions' layout (default: the target's; NHWC: the convert-layout pass).")
 @click.option("--tuning-db", type=click.Path(path_type=Path), help="Tuning records folder (`socc tune`); default ~/.cache/socc/tuning.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
 @json_option
@@ -143,17 +144,18 @@ def rebuild_command(artifact: Path, model: Path | None, output: Path | None, qui
 @click.option("--calibrate-method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default="mse", show_default=True)
 @click.option("--activation-dtype", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True)
 @click.option("--skip-fusion", multiple=True, metavar="PATTERN", help="Tune the kernels of a build with this fusion off (as for compile). Repeatable.")
+@click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), help="Tune the kernels of a build in this layout (as for compile).")
 @click.option("--retune", is_flag=True, help="Tune kernels that already have a record too.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
 @json_option
 def tune_command(model: Path, target: str, tuning_db: Path | None, shape: tuple[str, ...], trials: int, time_budget: float,
                  quantize: str | None, calibration: Path | None, calibrate_method: str, activation_dtype: str,
-                 skip_fusion: tuple[str, ...], retune: bool, quiet: bool, as_json: bool) -> None:
+                 skip_fusion: tuple[str, ...], layout: str | None, retune: bool, quiet: bool, as_json: bool) -> None:
     """Tune MODEL's kernels with MetaSchedule; later compiles with the same options use the records."""
     _state["json"] = as_json
     result = api.tune(model, target, tuning_db, shape=list(shape), trials=trials, time_budget=time_budget, quantize=quantize,
                       calibration=calibration, calibrate_method=calibrate_method, activation_dtype=activation_dtype,
-                      skip_fusion=_split_commas(skip_fusion), retune=retune, progress=not quiet)
+                      skip_fusion=_split_commas(skip_fusion), layout=layout, retune=retune, progress=not quiet)
     lines = [f"{k['name']:<48}x{k['weight']:<3}{k['trials']:>5} trials  "
              + (f"best {k['best_ms']:.4f} ms" if k["best_ms"] is not None else k["error"] if k["trials"] == 0 else f"default kept: {k['error']}")
              for k in result["kernels"]]
