@@ -37,6 +37,7 @@ grouped the same way along the row, or int8 per row with `int8_embeddings`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -49,7 +50,10 @@ from .stats import constant_bytes
 SCHEMES = ("int8", "int4-weight")
 ACTIVATION_DTYPES = ("uint8", "int8")
 GROUP_SIZES = (32, 64, 128)
-WEIGHT_SCHEMES = ("symmetric", "asymmetric")
+# int4 weights: codes q in 0..15 per group; symmetric w = (q - 8) * s, asymmetric w = (q - z) * s
+# (z a 4-bit zero point), scale-min w = q * s + m (m a float16 minimum, llama.cpp's Q4_1 layout:
+# 12 bits a group more than asymmetric, and exact on weights that came from a Q4_1 file)
+WEIGHT_SCHEMES = ("symmetric", "asymmetric", "scale-min")
 # int4 default: per-group zero points cost 4 bits a group and gain accuracy (MiniLM cosine 0.966 -> 0.973)
 DEFAULT_WEIGHT_SCHEME = "asymmetric"
 # Ops that give the same result on quantized data as on float data quantized after them
@@ -471,12 +475,30 @@ def _plan_int4(mod: Any, layers: list[Layer], ctx: CompileContext) -> dict[str, 
             layer.mode = "int8-weight"
         else:
             layer.mode = "int4-weight"
+    tied = _tie_to_int8_tables(layers) if options.get("int8_embeddings") else 0
     stats = {"group_size": group, "weight_scheme": f"{weight_scheme} int4, float16 scales per {group} along the reduction",
-             "int8_embeddings": bool(options.get("int8_embeddings")), "rounding": "nearest (range search + refit)"}
+             "int8_embeddings": bool(options.get("int8_embeddings")), "tied_int8_matmuls": tied,
+             "rounding": "nearest (range search + refit)" if weight_scheme != "scale-min" else "nearest (group range + refit)"}
+    if ctx.calibration is not None and weight_scheme == "scale-min":
+        raise PassInputError("GPTQ (int4-weight with calibration) rounds to the symmetric or asymmetric scheme, not scale-min")
     if ctx.calibration is not None:
         stats.update(_gptq(mod, [layer for layer in layers if layer.mode == "int4-weight" and layer.op_type == "MatMul"],
                            ctx, group, weight_scheme == "symmetric"))
     return stats
+
+
+def _tie_to_int8_tables(layers: list[Layer]) -> int:
+    """Matmuls whose weight is the transpose of an int8 embedding table (a tied classifier, as in
+    Llama-style models) become int8-weight too and share the table's int8 rows; how many."""
+    tables = {_digest(_const(layer.call.args[0])) for layer in layers if layer.op_type == "Gather" and layer.mode == "int8-weight"}
+    shapes = {tuple(_const(layer.call.args[0]).shape) for layer in layers if layer.op_type == "Gather" and layer.mode == "int8-weight"}
+    tied = 0
+    for layer in layers:
+        if layer.op_type == "MatMul" and layer.mode == "int4-weight":
+            weight = _const(layer.call.args[1])
+            if weight.shape[::-1] in shapes and _digest(np.ascontiguousarray(weight.T)) in tables:
+                layer.mode, tied = "int8-weight", tied + 1
+    return tied
 
 
 def _gptq(mod: Any, layers: list[Layer], ctx: CompileContext, group: int, symmetric: bool) -> dict[str, Any]:
@@ -563,17 +585,55 @@ def _group_error(w: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarr
     return np.sum((w - (_codes(w, scale, zero) - zero[:, None, :]) * scale[:, None, :]) ** 2, axis=1)
 
 
-def quantize_int4_groups(weight: np.ndarray, group: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Round-to-nearest 4-bit groups of `group` along axis 0 of a 2-D [K, N] weight (int4_group_params).
+def quantize_int4_groups(weight: np.ndarray, group: int, scheme: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Round-to-nearest 4-bit groups of `group` along axis 0 of a 2-D [K, N] weight (int4_group_params;
+    scale-min: int4_scale_min_params).
 
     Returns (packed uint8 [K/2, N]: row 2j in the low nibble, 2j+1 in the high one; float16 scales
-    [K/G, N]; zero points packed the same way along N, [K/G, ceil(N/2)], or None when symmetric).
+    [K/G, N]; asymmetric: zero points packed the same way along N, [K/G, ceil(N/2)]; scale-min:
+    float16 minimums [K/G, N]; symmetric: None).
     """
     k, n = weight.shape
     w = weight.astype(np.float32).reshape(k // group, group, n)
-    scale, zero = int4_group_params(w, symmetric)
+    if scheme == "scale-min":
+        scale, minimum = int4_scale_min_params(w)
+        q = _scale_min_codes(w, scale.astype(np.float32), minimum.astype(np.float32)).astype(np.uint8).reshape(k, n)
+        return pack_nibbles(q, axis=0), scale, minimum
+    scale, zero = int4_group_params(w, scheme == "symmetric")
     q = _codes(w, scale.astype(np.float32), zero).astype(np.uint8).reshape(k, n)
-    return pack_int4(q, scale, zero, symmetric)
+    return pack_int4(q, scale, zero, scheme == "symmetric")
+
+
+def int4_scale_min_params(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and minimum (float16) of each group of w [groups, G, N] for codes 0..15: the group's own
+    range (w = q * s + m spans [min, max]; on a Q4_1 grid this finds the grid exactly), then
+    least-squares refits of (s, m) to the codes, each kept per group only if it lowers the error."""
+    lo, hi = w.min(axis=1), w.max(axis=1)
+    scale = ((hi - lo) / 15.0).astype(np.float16)
+    scale = np.where(scale > 0, scale, np.float16(1.0))
+    minimum = lo.astype(np.float16)
+    best_err = _scale_min_error(w, scale, minimum)
+    for _ in range(INT4_REFIT_ROUNDS):
+        codes = _scale_min_codes(w, scale.astype(np.float32), minimum.astype(np.float32))
+        mean_q, mean_w = codes.mean(axis=1), w.mean(axis=1)
+        spread = np.sum((codes - mean_q[:, None]) ** 2, axis=1)
+        fitted = np.where(spread > 0, np.sum((codes - mean_q[:, None]) * (w - mean_w[:, None]), axis=1) / np.maximum(spread, 1e-30), 0)
+        new_scale = np.where(fitted > 0, fitted, scale.astype(np.float32)).astype(np.float16)
+        new_minimum = (mean_w - new_scale.astype(np.float32) * mean_q).astype(np.float16)
+        err = _scale_min_error(w, new_scale, new_minimum)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        scale, minimum = np.where(better, new_scale, scale), np.where(better, new_minimum, minimum)
+    return scale, minimum
+
+
+def _scale_min_codes(w: np.ndarray, scale: np.ndarray, minimum: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint((w - minimum[:, None, :]) / scale[:, None, :]), 0, 15)
+
+
+def _scale_min_error(w: np.ndarray, scale: np.ndarray, minimum: np.ndarray) -> np.ndarray:
+    s32, m32 = scale.astype(np.float32), minimum.astype(np.float32)
+    return np.sum((w - (_scale_min_codes(w, s32, m32) * s32[:, None, :] + m32[:, None, :])) ** 2, axis=1)
 
 
 def pack_int4(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -640,13 +700,31 @@ def _q4_matmul_te(x: Any, packed: Any, scales: Any, *zeros: Any, group: int) -> 
     k = te.reduce_axis((0, k_len), "k")
 
     def weight(kk: Any, n: Any) -> Any:
+        code, scale = _nibble(packed[kk // 2, n], kk), scales[kk // group, n].astype("float32")
+        if zeros and zeros[0].dtype == "float16":  # scale-min
+            return code * scale + zeros[0][kk // group, n].astype("float32")
         zero = _nibble(zeros[0][kk // group, n // 2], n) if zeros else tirx.const(8.0, "float32")
-        return (_nibble(packed[kk // 2, n], kk) - zero) * scales[kk // group, n].astype("float32")
+        return (code - zero) * scale
 
     def body(*index: Any) -> Any:
         return te.sum(x[(*index[:-1], k)] * weight(k, index[-1]), axis=k)
 
     return te.compute((*x.shape[:-1], n_len), body, name="q4_matmul")
+
+
+def _int8_rows_matmul_te(x: Any, rows: Any, row_scale: Any) -> Any:
+    """x [..., K] times the transpose of int8 rows [N, K], each output scaled by its row's scale."""
+    from tvm import te
+
+    k = te.reduce_axis((0, rows.shape[1]), "k")
+    total = te.compute((*x.shape[:-1], rows.shape[0]),
+                       lambda *i: te.sum(x[(*i[:-1], k)] * rows[i[-1], k].astype("float32"), axis=k), name="int8_rows_matmul")
+    return te.compute(total.shape, lambda *i: total[i] * row_scale[i[-1], 0], name="int8_rows_scale")
+
+
+def _digest(array: np.ndarray) -> str:
+    """The identity of a constant's value: shape, dtype and the SHA-256 of its bytes."""
+    return f"{array.shape}{array.dtype}" + hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
 def _q4_take_te(indices: Any, packed: Any, scales: Any, *zeros: Any, group: int) -> Any:
@@ -656,8 +734,11 @@ def _q4_take_te(indices: Any, packed: Any, scales: Any, *zeros: Any, group: int)
 
     def body(*index: Any) -> Any:
         row, col = indices[index[:-1]], index[-1]
+        code, scale = _nibble(packed[row, col // 2], col), scales[row, col // group].astype("float32")
+        if zeros and zeros[0].dtype == "float16":  # scale-min
+            return code * scale + zeros[0][row, col // group].astype("float32")
         zero = _nibble(zeros[0][row, col // group // 2], col // group) if zeros else tirx.const(8.0, "float32")
-        return (_nibble(packed[row, col // 2], col) - zero) * scales[row, col // group].astype("float32")
+        return (code - zero) * scale
 
     return te.compute((*indices.shape, width), body, name="q4_take")
 
@@ -674,7 +755,8 @@ class _Rewriter:
         self.order = {key: i for i, key in enumerate(plans)}
         self.act_dtype = options.get("activation_dtype") or "uint8"
         self.group = int(options.get("group_size") or 32)
-        self.symmetric4 = (options.get("weight_scheme") or DEFAULT_WEIGHT_SCHEME) == "symmetric"
+        self.weight_scheme = options.get("weight_scheme") or DEFAULT_WEIGHT_SCHEME
+        self.int8_rows: dict[str, tuple[Any, Any]] = {}  # table digest -> (int8 rows, row scales) constants
         self.integer_requantize = options.get("requantize") == "integer"
         # dequantized output var -> (its int32 accumulator var, the float32 rescale, the largest |accumulator|)
         self.dequantized: dict[int, tuple[Any, np.ndarray, int]] = {}
@@ -763,7 +845,7 @@ class _Rewriter:
         if layer.mode == "int8":
             return self.conv_int8(layer, call, mutator) if layer.op_type == "Conv" else self.matmul_int8(layer, call, mutator)
         if layer.mode == "int8-weight":
-            return self.take_int8(call)
+            return self.take_int8(call) if layer.op_type == "Gather" else self.matmul_int8_rows(call, mutator)
         if layer.op_type == "MatMul":
             return self.matmul_int4(layer, call, mutator)
         return self.take_int4(call, mutator)
@@ -807,15 +889,31 @@ class _Rewriter:
         from tvm import relax
 
         op, attrs = relax.op, call.attrs
-        tq, row_scale = quantize_per_channel(_const(call.args[0]), axis=0)
-        rows = op.take(relax.const(tq), call.args[1], axis=0, mode=str(attrs.mode))
-        scales = op.take(relax.const(row_scale.reshape(-1, 1)), call.args[1], axis=0, mode=str(attrs.mode))
+        table, row_scale = self.int8_table(_const(call.args[0]))
+        rows = op.take(table, call.args[1], axis=0, mode=str(attrs.mode))
+        scales = op.take(row_scale, call.args[1], axis=0, mode=str(attrs.mode))
         return _dequantize(rows, scales)
+
+    def matmul_int8_rows(self, call: Any, mutator: Any) -> Any:
+        """x @ W with W the transpose of an embedding table (tied weights): the table's int8 rows serve both."""
+        table, row_scale = self.int8_table(np.ascontiguousarray(_const(call.args[1]).T))
+        return mutator.builder_.call_te(_int8_rows_matmul_te, call.args[0], table, row_scale, primfunc_name_hint="int8_rows_matmul")
+
+    def int8_table(self, table: np.ndarray) -> tuple[Any, Any]:
+        """A float table's int8 rows and per-row scales [rows, 1], as constants shared by every call
+        on an equal table (stored once in the artifact)."""
+        from tvm import relax
+
+        key = _digest(table)
+        if key not in self.int8_rows:
+            tq, row_scale = quantize_per_channel(table, axis=0)
+            self.int8_rows[key] = relax.const(tq), relax.const(row_scale.reshape(-1, 1))
+        return self.int8_rows[key]
 
     def matmul_int4(self, layer: Layer, call: Any, mutator: Any) -> Any:
         from tvm import relax
 
-        packed, scales, zeros = layer.int4 or quantize_int4_groups(_const(call.args[1]), self.group, self.symmetric4)
+        packed, scales, zeros = layer.int4 or quantize_int4_groups(_const(call.args[1]), self.group, self.weight_scheme)
         extra = [] if zeros is None else [relax.const(zeros)]
         return mutator.builder_.call_te(_q4_matmul_te, call.args[0], relax.const(packed), relax.const(scales), *extra,
                                         group=layer.group or self.group, primfunc_name_hint="q4_matmul")
@@ -824,9 +922,13 @@ class _Rewriter:
         from tvm import relax
 
         # rows of the table are the groups' home: quantize the transposed view so groups run along a row
-        packed_t, scales_t, zeros_t = quantize_int4_groups(_const(call.args[0]).T, self.group, self.symmetric4)
-        # zero points come packed along the table's rows (axis 1 of the transposed view): repack along groups
-        extra = [] if zeros_t is None else [relax.const(pack_nibbles(unpack_nibbles(zeros_t, axis=1, length=scales_t.shape[1]).T, axis=1))]
+        packed_t, scales_t, zeros_t = quantize_int4_groups(_const(call.args[0]).T, self.group, self.weight_scheme)
+        if zeros_t is None:
+            extra = []
+        elif zeros_t.dtype == np.float16:  # scale-min: one minimum per group, like the scales
+            extra = [relax.const(np.ascontiguousarray(zeros_t.T))]
+        else:  # zero points come packed along the table's rows (axis 1 of the transposed view): repack along groups
+            extra = [relax.const(pack_nibbles(unpack_nibbles(zeros_t, axis=1, length=scales_t.shape[1]).T, axis=1))]
         return mutator.builder_.call_te(_q4_take_te, call.args[1], relax.const(np.ascontiguousarray(packed_t.T)),
                                         relax.const(np.ascontiguousarray(scales_t.T)), *extra,
                                         group=self.group, primfunc_name_hint="q4_take")

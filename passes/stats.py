@@ -38,18 +38,17 @@ def constant_bytes(mod: Any, function: str | None = None) -> int:
     import tvm
     from tvm import relax
 
-    total = 0
+    sizes: dict[int, int] = {}  # by data address: constant nodes that share one tensor count once
 
     def visit(expr: Any) -> None:
-        nonlocal total
         if isinstance(expr, tvm.ir.expr.Constant) and isinstance(expr.value, tvm.runtime.Tensor):
             data = expr.value
-            total += int(np.prod(data.shape, dtype=np.int64)) * np.dtype(str(data.dtype)).itemsize
+            sizes[data.data_ptr()] = int(np.prod(data.shape, dtype=np.int64)) * np.dtype(str(data.dtype)).itemsize
 
     functions = [mod[function]] if function else [f for _, f in mod.functions_items() if isinstance(f, relax.Function)]
     for func in functions:
         relax.analysis.post_order_visit(func, visit)
-    return total
+    return sum(sizes.values())
 
 
 def storage_allocations(mod: Any, function: str = "main") -> list[int | None]:

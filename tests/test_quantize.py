@@ -208,11 +208,67 @@ def test_minilm_int4_weight_sentence_embeddings(minilm: Path, minilm_float: dict
 
 # ------------------------------------------------------------------------------ packing and options
 
+def test_int4_scale_min_finds_a_q4_1_grid_exactly() -> None:
+    """Weights that came from a Q4_1 file (w = d * q + m per 32, d and m float16) come back exactly:
+    the scale-min scheme recovers d and m; asymmetric (integer zero point) cannot represent m / d."""
+    rng = np.random.default_rng(5)
+    d = rng.uniform(0.001, 0.05, (4, 8)).astype(np.float16)
+    m = (-rng.uniform(0.0, 0.4, (4, 8))).astype(np.float16)
+    q = rng.integers(0, 16, (4, 32, 8))
+    q[:, 0], q[:, 1] = 0, 15  # a Q4_1 block holds its min (code 0) and max (code 15)
+    weight = (q * d.astype(np.float32)[:, None] + m.astype(np.float32)[:, None]).reshape(128, 8)
+    packed, scales, minimums = quantize_int4_groups(weight, 32, "scale-min")
+    assert packed.shape == (64, 8) and scales.dtype == minimums.dtype == np.float16 and minimums.shape == (4, 8)
+    codes = np.empty((128, 8), np.float32)
+    codes[0::2], codes[1::2] = packed & 15, packed >> 4
+    restored = codes.reshape(4, 32, 8) * scales.astype(np.float32)[:, None] + minimums.astype(np.float32)[:, None]
+    np.testing.assert_array_equal(restored.reshape(128, 8), weight)
+    packed, scales, zeros = quantize_int4_groups(weight, 32, "asymmetric")
+    codes[0::2], codes[1::2] = packed & 15, packed >> 4
+    z = np.empty((4, 8))
+    z[:, 0::2], z[:, 1::2] = zeros & 15, zeros >> 4
+    asymmetric = (codes.reshape(4, 32, 8) - z[:, None]) * scales.astype(np.float32)[:, None]
+    assert np.abs(asymmetric.reshape(128, 8) - weight).max() > 1e-3
+
+
+def _tied_lm(path: Path, vocab: int = 96, hidden: int = 64) -> tuple[Path, np.ndarray]:
+    """ids -> embedding (Gather) -> matmul -> classifier whose weight is the embedding's transpose (tied)."""
+    rng = np.random.default_rng(8)
+    table = rng.standard_normal((vocab, hidden)).astype(np.float32)
+    inner = (rng.standard_normal((hidden, hidden)) / 8).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["h"]), helper.make_node("MatMul", ["h", "inner"], ["g"]),
+         helper.make_node("MatMul", ["g", "head"], ["logits"])], "tied",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 8, vocab])],
+        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(inner, "inner"),
+         numpy_helper.from_array(np.ascontiguousarray(table.T), "head")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path, table
+
+
+def test_int8_embeddings_share_their_rows_with_a_tied_classifier(tmp_path: Path) -> None:
+    model, table = _tied_lm(tmp_path / "tied.onnx")
+    art = api.compile(model, "host", tmp_path / "tied.host", quantize="int4-weight", int8_embeddings=True,
+                      weight_scheme="scale-min", progress=False, no_simplify=True)
+    quant = art.manifest["quantization"]
+    assert quant["tied_int8_matmuls"] == 1 and quant["layers_by_mode"] == {"int8-weight": 2, "int4-weight": 1}
+    # the float model holds the table twice (gather, classifier): int8 rows + scales once, the 64x64 int4
+    table_bytes = table.size + table.shape[0] * 4
+    inner_bytes = 64 * 64 // 2 + 2 * (64 // 32) * 64 * 2
+    assert quant["weights_bytes"] == table_bytes + inner_bytes
+    ids = np.array([[1, 5, 9, 33, 64, 80, 95, 0]], np.int64)
+    reference = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+    got = art.run({"ids": ids})["logits"]
+    cosine = (got * reference).sum() / (np.linalg.norm(got) * np.linalg.norm(reference))
+    assert cosine > 0.99 and (got.argmax(-1) == reference.argmax(-1)).mean() >= 0.75
+
+
 def test_int4_groups_round_trip_within_half_a_step() -> None:
     rng = np.random.default_rng(3)
     weight = rng.standard_normal((64, 6)).astype(np.float32) * np.array([0.01, 0.1, 1, 10, 100, 0], np.float32)
     for symmetric in (True, False):
-        packed, scales, zeros = quantize_int4_groups(weight, 32, symmetric)
+        packed, scales, zeros = quantize_int4_groups(weight, 32, "symmetric" if symmetric else "asymmetric")
         assert packed.shape == (32, 6) and scales.shape == (2, 6) and scales.dtype == np.float16
         low, high = packed & 15, packed >> 4
         q = np.empty((64, 6), np.float32)
@@ -464,7 +520,7 @@ def test_gptq_lowers_the_output_error_of_int4_rounding() -> None:
         z[:, 0::2], z[:, 1::2] = zeros & 15, zeros >> 4
         return (q.reshape(4, 32, 64) - z[:, None]) * scales.astype(np.float64)[:, None]
 
-    rtn = restore(*quantize_int4_groups(weight, 32, symmetric=False)).reshape(128, 64)
+    rtn = restore(*quantize_int4_groups(weight, 32, "asymmetric")).reshape(128, 64)
     codes, scales, zero_points = gptq_int4(weight, x.T @ x, 32, symmetric=False)
     assert codes.max() <= 15 and scales.dtype == np.float16
     gptq = restore(pack_nibbles(codes, axis=0), scales, pack_nibbles(zero_points.astype(np.uint8), axis=1)).reshape(128, 64)

@@ -77,7 +77,7 @@ def cli(debug: bool) -> None:
 @click.option("--exclude-op-type", multiple=True, metavar="TYPE", help="Keep ops of this type (Conv, MatMul, Gemm, Gather) in float. Repeatable.")
 @click.option("--exclude-node", multiple=True, metavar="NAME", help="Keep this node (ONNX name) in float. Repeatable.")
 @click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True, help="int4 group length along the reduction.")
-@click.option("--weight-scheme", type=click.Choice(["symmetric", "asymmetric"]), default="asymmetric", show_default=True, help="int4 weights: per-group zero points (asymmetric) or symmetric.")
+@click.option("--weight-scheme", type=click.Choice(["symmetric", "asymmetric", "scale-min"]), default="asymmetric", show_default=True, help="int4 weights: per-group zero points (asymmetric), symmetric, or a float16 scale and minimum per group (scale-min, Q4_1's layout).")
 @click.option("--max-accuracy-drop", type=float, help="int8: keep the most sensitive layers float until 1 - cosine vs float on the calibration set is within this.")
 @click.option("--int8-embeddings", is_flag=True, help="With int4-weight: embedding tables int8 per row instead of int4.")
 @click.option("--requantize", type=click.Choice(["float", "integer"]), help="int8 requantize in float or fixed-point integer (default: the target's).")
