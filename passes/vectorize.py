@@ -102,6 +102,64 @@ def _gathers(block: Any) -> bool:
     return False
 
 
+def _fusable_accesses(block: Any, extents: list[int]) -> bool | None:
+    """Whether loops fused over this elementwise block keep every access vectorizable: each buffer
+    is indexed by all the block's vars in order (a tensor of the block's own shape: flattened,
+    `(f // C) * C + f % C` is f again, a contiguous run) or by its innermost var alone (a
+    per-channel vector p[f % C], periodic: split at multiples of C, each vector of the period is the
+    same on every pass, which LLVM builds once, outside the loop). None when some access is neither;
+    else True when a per-channel access is among them."""
+    from tvm import tirx
+
+    names = [iv.var for iv in block.iter_vars]
+    channel_read = False
+    for region in [*block.reads, *block.writes]:
+        starts = [rng.min for rng in region.region]
+        if any(not isinstance(rng.extent, tirx.IntImm) or int(rng.extent) != 1 for rng in region.region):
+            return None
+        shape = [int(d) for d in region.source.shape]
+        own = len(starts) == len(names) and all(start.same_as(var) for start, var in zip(starts, names)) and shape == extents
+        channel = len(starts) == 1 and starts[0].same_as(names[-1]) and shape == extents[-1:]
+        if not (own or channel):
+            return None
+        channel_read = channel_read or channel
+    return channel_read
+
+
+MAX_PERIOD_VECTORS = 4  # a per-channel period longer than this many vectors stays scalar (unrolled code grows)
+
+
+def _vectorize_fused_rows(sch: Any, block_rv: Any, loops: list[Any], lanes: int, smallest: int = 0) -> bool:
+    """An elementwise block whose channel count no vector width divides (NHWC, 16 or 48 channels):
+    its two innermost loops (pixel, channel) are fused and split into vectors (`_vector_width`), at
+    multiples of lcm(channels, width) when it reads a per-channel vector, when its accesses allow
+    (_fusable_accesses). Only two: with three fused, TVM's flattened index no longer simplifies to
+    a run and every lane is loaded on its own."""
+    import math
+
+    extents = [_extent(sch, loop) for loop in loops]
+    if len(loops) < 2 or None in extents:
+        return False
+    per_channel = _fusable_accesses(sch.get(block_rv), extents)
+    if per_channel is None:
+        return False
+    run = extents[-2] * extents[-1]
+    width = lanes
+    while width >= max(smallest or lanes // 2, 2):
+        period = math.lcm(extents[-1], width) if per_channel else width
+        if run % period == 0 and period // width <= MAX_PERIOD_VECTORS:
+            fused = sch.fuse(loops[-2], loops[-1])
+            if period == width:
+                _, vector = sch.split(fused, factors=[None, width])
+            else:
+                _, repeat, vector = sch.split(fused, factors=[None, period // width, width])
+                sch.unroll(repeat)
+            sch.vectorize(vector)
+            return True
+        width //= 2
+    return False
+
+
 def _kept_stage(block: Any) -> bool:
     """The int32 stages of an integer requantize (requantize.py) stay blocks of their own: inlined,
     their int32 x int32 -> int64 product becomes a full 64-bit multiply, and the 8-bit cast's 128
@@ -218,7 +276,8 @@ def schedule_kernel(func: Any, vector_bits: int, vector_float: bool,
     the caller's constant must get."""
     from tvm import s_tir, tirx
 
-    stats = {"inlined": 0, "vectorized_loops": 0, "scalar_float_blocks": 0, "gathers_left_scalar": 0, "rows_left_scalar": 0}
+    stats = {"inlined": 0, "vectorized_loops": 0, "scalar_float_blocks": 0, "gathers_left_scalar": 0, "rows_left_scalar": 0,
+             "fused_row_blocks": 0}
     relayout: dict[int, tuple[int, ...]] = {}
     sch = s_tir.Schedule(func)
     stats["inlined"] = _inline_elementwise(sch)
@@ -267,7 +326,11 @@ def schedule_kernel(func: Any, vector_bits: int, vector_float: bool,
             # the innermost loop alone, when a vector width divides it: fused with the loops around
             # it, a vector crosses rows and TVM vectorizes its `fused // W` indices lane by lane
             if not _vector_width(_extent(sch, loops[-1]) or 0, lanes, smallest):
-                stats["rows_left_scalar"] += 1
+                if _vectorize_fused_rows(sch, block_rv, loops, lanes, smallest):
+                    stats["vectorized_loops"] += 1
+                    stats["fused_row_blocks"] += 1
+                else:
+                    stats["rows_left_scalar"] += 1
                 continue
             if _vectorize_innermost(sch, loops[-1], lanes, smallest=smallest):
                 stats["vectorized_loops"] += 1
@@ -283,7 +346,7 @@ class Vectorize(GraphPass):
         from tvm import tirx
 
         totals = {"kernels": 0, "kernels_vectorized": 0, "vectorized_loops": 0, "inlined": 0, "scalar_float_blocks": 0,
-                  "gathers_left_scalar": 0, "rows_left_scalar": 0, "failed": 0}
+                  "gathers_left_scalar": 0, "rows_left_scalar": 0, "fused_row_blocks": 0, "failed": 0}
         if ctx.vector_bits <= 0:
             return mod, {**totals, "skipped": "the target profile gives no vector width"}
         result = mod.clone()
