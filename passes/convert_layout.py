@@ -8,7 +8,7 @@ For a target whose profile says `layout = "NHWC"` (or `--layout NHWC`), rewrites
 with TVM's ConvertLayout, which carries the new layout through the ops that follow (bias adds,
 activations, pools, residual adds, means) so the permutes between two convs cancel: transposes are
 left only where an op has no layout rule (a reshape, the model's inputs and outputs). The weight
-permutes are constants: fold-constants (next in the pipeline) stores the weights as HWIO.
+permutes are constants, transposed here (the weights are stored as HWIO).
 
 In NHWC a conv's output channels are its innermost, contiguous axis, and so are a depthwise conv's
 input channels: vector code runs along channels with no relayout copies inside the kernels.
@@ -25,7 +25,6 @@ from typing import Any
 
 from .base import CompileContext, GraphPass
 from .fusion import canonicalize_clips
-from .stats import count_ops
 
 CONV_LAYOUTS = {"NHWC": ("NHWC", "HWIO")}  # data layout -> (data, kernel) layouts of converted convs
 
@@ -57,20 +56,21 @@ def _transpose_constant_weights(mod: Any) -> tuple[Any, int]:
     return transposer.builder_.get(), transposed
 
 
+def _calls(mod: Any, op_name: str) -> list[Any]:
+    """The calls of one Relax op in main."""
+    from tvm import relax
+
+    calls: list[Any] = []
+    relax.analysis.post_order_visit(mod["main"], lambda e: calls.append(e) if isinstance(e, relax.Call)
+                                    and getattr(e.op, "name", "") == op_name else None)
+    return calls
+
+
 def _activation_transposes(mod: Any) -> int:
     """permute_dims calls in main whose input is not a constant (what is left after folding)."""
-    from tvm import relax
     from tvm.ir.expr import Constant
 
-    count = 0
-
-    def visit(expr: Any) -> None:
-        nonlocal count
-        if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.permute_dims":
-            count += not isinstance(expr.args[0], Constant)
-
-    relax.analysis.post_order_visit(mod["main"], visit)
-    return count
+    return sum(not isinstance(call.args[0], Constant) for call in _calls(mod, "relax.permute_dims"))
 
 
 class ConvertLayout(GraphPass):
@@ -82,24 +82,15 @@ class ConvertLayout(GraphPass):
         from tvm import relax
 
         layout = ctx.options.get("layout") or "NCHW"
-        convs = count_ops(mod).get("relax.nn.conv2d", 0)
-        if layout not in CONV_LAYOUTS or not convs:
+        if layout not in CONV_LAYOUTS or not _calls(mod, "relax.nn.conv2d"):
             return mod, {"layout": layout, "convs_converted": 0}
         mod, clamps = canonicalize_clips(relax.transform.FoldConstant()(mod), combine=False)  # bounds: constants once folded
         transposes_before = _activation_transposes(mod)
         mod = relax.transform.ConvertLayout({"relax.nn.conv2d": list(CONV_LAYOUTS[layout])})(mod)
         mod, weights = _transpose_constant_weights(mod)
         mod = relax.transform.DeadCodeElimination(["main"])(mod)
-        converted = sum(1 for call in _conv_calls(mod) if str(call.attrs.data_layout) == CONV_LAYOUTS[layout][0])
+        converted = sum(str(call.attrs.data_layout) == CONV_LAYOUTS[layout][0] for call in _calls(mod, "relax.nn.conv2d"))
         return mod, {"layout": layout, "convs_converted": converted, "weights_transposed": weights,
                      "clips_canonicalized": sum(clamps.values()),
                      "activation_transposes": _activation_transposes(mod) - transposes_before}
 
-
-def _conv_calls(mod: Any) -> list[Any]:
-    from tvm import relax
-
-    calls: list[Any] = []
-    relax.analysis.post_order_visit(mod["main"], lambda e: calls.append(e) if isinstance(e, relax.Call)
-                                    and getattr(e.op, "name", "") == "relax.nn.conv2d" else None)
-    return calls
