@@ -27,6 +27,9 @@ def test_tuned_records_are_applied_by_later_compiles(tiny_mlp: Path, tmp_path: P
     report = json.loads(result.stdout)
     assert report["tuned"] >= 1 and report["tuned"] == sum(k["best_ms"] is not None for k in report["kernels"])
     assert all(k["best_ms"] > 0 for k in report["kernels"] if k["best_ms"] is not None)
+    # tuned slowest first: each kernel's default schedule timed once here, ordered by time x calls
+    default = [k["default_ms"] * k["weight"] for k in report["kernels"]]
+    assert all(d > 0 for d in default) and default == sorted(default, reverse=True)
     assert Path(report["database"]) == db / "host"
     assert (db / "host" / "database_tuning_record.json").read_text().strip()
 

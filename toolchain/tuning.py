@@ -1,7 +1,10 @@
 """Tuning that is kept: MetaSchedule over the kernels socc builds, records in a database per profile.
 
 `tune_kernels` measures on this machine, so it tunes for the host profile only (there is no
-device for a cross target here). Each kernel is tuned on its own, heaviest first: a kernel
+device for a cross target here). Each kernel is tuned on its own, slowest first (its default
+schedule timed once on this machine, times its call count; FLOPs when a kernel cannot be timed,
+e.g. symbolic shapes: FLOPs put MobileNetV2's int8 depthwise convs last, and three of them took
+81% of the model's time): a kernel
 MetaSchedule fails on keeps its default schedule and the rest go on; the time budget is checked
 between kernels. Records go to `<database>/<profile>/` (MetaSchedule's JSON database), where
 `apply-tuning` finds them on later compiles; socc ships records of its own in `toolchain/tuning/`.
@@ -40,6 +43,7 @@ class KernelTuning:
     trials: int
     best_ms: float | None
     error: str | None = None
+    default_ms: float | None = None  # its default schedule's time here (None: not timed)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -65,7 +69,6 @@ def tune_kernels(mod: Any, target: Any, folder: Path, trials: int, time_budget: 
 
     target = tuning_target(target)
     tasks = ms.relax_integration.extract_tasks(mod, target)
-    tasks = sorted(tasks, key=lambda t: (-_flops(t.dispatched[0]) * t.weight, t.task_name))
     # the databases as apply-tuning opens them: a kernel counts as tuned when a compile would use a record
     known_database = open_databases(known)
     recorded = [known_database is not None and known_database.query_tuning_record(t.dispatched[0], target, "main") is not None
@@ -74,6 +77,9 @@ def tune_kernels(mod: Any, target: Any, folder: Path, trials: int, time_budget: 
     tasks = [t for t, r in zip(tasks, recorded) if not r]
     if not tasks:
         return results
+    with progress.stage(f"time {len(tasks)} untuned kernels") as summary:
+        tasks, default_ms = _slowest_first(tasks, target)
+        summary.update(timed=sum(ms is not None for ms in default_ms.values()))
     folder.mkdir(parents=True, exist_ok=True)
     database = ms.database.JSONDatabase(work_dir=str(folder))
     per_kernel = max(trials // max(len(tasks), 1), 1)
@@ -84,7 +90,7 @@ def tune_kernels(mod: Any, target: Any, folder: Path, trials: int, time_budget: 
     start = time.monotonic()
     for index, task in enumerate(tasks):
         if time.monotonic() - start > time_budget:
-            results.append(KernelTuning(task.task_name, int(task.weight), 0, None, "time budget spent"))
+            results.append(KernelTuning(task.task_name, int(task.weight), 0, None, "time budget spent", default_ms[task.task_name]))
             continue
         with progress.stage(f"tune {index + 1}/{len(tasks)} {task.task_name}") as summary:
             try:
@@ -105,12 +111,12 @@ def tune_kernels(mod: Any, target: Any, folder: Path, trials: int, time_budget: 
                 records = database.get_top_k(database.commit_workload(task.dispatched[0]), 1)
                 best = float(np.mean([float(s) for s in records[0].run_secs]) * 1000) if records else None
                 results.append(KernelTuning(task.task_name, int(task.weight), per_kernel, best,
-                                            None if records else "no valid schedule found"))
+                                            None if records else "no valid schedule found", default_ms[task.task_name]))
                 summary.update(trials=per_kernel, best_ms=None if best is None else round(best, 4))
             except Exception as exc:  # noqa: BLE001 - this kernel keeps its default schedule; the rest go on
                 lines = str(exc).strip().splitlines()
                 results.append(KernelTuning(task.task_name, int(task.weight), per_kernel, None,
-                                            f"{type(exc).__name__}: {lines[-1] if lines else ''}"))
+                                            f"{type(exc).__name__}: {lines[-1] if lines else ''}", default_ms[task.task_name]))
                 summary.update(error=type(exc).__name__)
     return results
 
@@ -131,6 +137,36 @@ def cost_model() -> str:
     import importlib.util
 
     return "xgb" if importlib.util.find_spec("xgboost") else "random"
+
+
+def _slowest_first(tasks: list[Any], target: Any) -> tuple[list[Any], dict[str, float | None]]:
+    """The tasks by their default schedule's time on this machine times their call count, slowest
+    first; kernels that cannot be timed (symbolic shapes, a build failure) after them, by FLOPs.
+    Also returns each kernel's default time in ms (None: not timed)."""
+    seconds = [_default_seconds(task.dispatched[0], target) for task in tasks]
+    timed = sorted((i for i, s in enumerate(seconds) if s is not None), key=lambda i: (-seconds[i] * tasks[i].weight, tasks[i].task_name))
+    rest = sorted((i for i, s in enumerate(seconds) if s is None), key=lambda i: (-_flops(tasks[i].dispatched[0]) * tasks[i].weight, tasks[i].task_name))
+    default_ms = {task.task_name: None if s is None else round(s * 1000, 4) for task, s in zip(tasks, seconds)}
+    return [tasks[i] for i in [*timed, *rest]], default_ms
+
+
+def _default_seconds(mod: Any, target: Any) -> float | None:
+    """One kernel's time with its default (untuned) schedule on this machine, on inputs of ones
+    (no division by zero, valid indices); None when its shapes are symbolic or it fails to build."""
+    import numpy as np
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    infos = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
+    if not all(isinstance(dim, int) for info in infos for dim in info.shape):
+        return None
+    try:
+        lib = tvm.compile(mod, target=target)
+        device = tvm.cpu()
+        args = [tvm.runtime.tensor(np.ones(list(info.shape), str(info.dtype)), device) for info in infos]
+        return float(lib.mod.time_evaluator("main", device, number=3, repeat=1)(*args).mean)
+    except Exception:  # noqa: BLE001 - ordering only: this kernel is ordered by FLOPs
+        return None
 
 
 def _flops(mod: Any) -> float:
