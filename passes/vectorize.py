@@ -324,7 +324,8 @@ def schedule_kernel(func: Any, vector_bits: int, vector_float: bool,
             # 64-bit multiplies (the 16-channel stem: 4620 instructions, 20% HVX); whole vectors only
             smallest = lanes if _kept_stage(block) else 0
             # the innermost loop alone, when a vector width divides it: fused with the loops around
-            # it, a vector crosses rows and TVM vectorizes its `fused // W` indices lane by lane
+            # it, a vector crosses rows and TVM vectorizes its `fused // W` indices lane by lane;
+            # except (pixel, channel) of a block whose accesses stay runs when fused (_vectorize_fused_rows)
             if not _vector_width(_extent(sch, loops[-1]) or 0, lanes, smallest):
                 if _vectorize_fused_rows(sch, block_rv, loops, lanes, smallest):
                     stats["vectorized_loops"] += 1
@@ -338,7 +339,7 @@ def schedule_kernel(func: Any, vector_bits: int, vector_float: bool,
 
 
 class Vectorize(GraphPass):
-    """For targets with a vector unit (`vector_bits` in the profile), schedules every TIR kernel: inlines elementwise producers (padding, casts, the requantize chain; never a float multiply; the integer requantize's int32 stages stay blocks) into their consumers; vectorizes each reduction's innermost contiguous spatial loop by whole vectors of its narrowest operand (HVX: 128 x int8) down to half an accumulator vector, or a conv's output channels when its rows are strided or no width divides them (weights relaid channels-last at compile time); vectorizes an elementwise block's innermost loop when a width divides it and no access would be a gather. Blocks with float math stay scalar where the target vectorizes no float (Hexagon under qemu)."""
+    """For targets with a vector unit (`vector_bits` in the profile), schedules every TIR kernel: inlines elementwise producers (padding, casts, the requantize chain; never a float multiply; the integer requantize's int32 stages stay blocks) into their consumers; vectorizes each reduction's innermost contiguous spatial loop by whole vectors of its narrowest operand (HVX: 128 x int8) down to half an accumulator vector, or a conv's output channels when its rows are strided or no width divides them (weights relaid channels-last at compile time); vectorizes an elementwise block's innermost loop when a width divides it and no access would be a gather, else its fused (pixel, channel) loops when every access stays a run or a per-channel vector. Blocks with float math stay scalar where the target vectorizes no float (Hexagon under qemu)."""
 
     name = "vectorize"
 
