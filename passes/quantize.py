@@ -490,8 +490,8 @@ def _plan_int4(mod: Any, layers: list[Layer], ctx: CompileContext) -> dict[str, 
 def _tie_to_int8_tables(layers: list[Layer]) -> int:
     """Matmuls whose weight is the transpose of an int8 embedding table (a tied classifier, as in
     Llama-style models) become int8-weight too and share the table's int8 rows; how many."""
-    tables = {_digest(_const(layer.call.args[0])) for layer in layers if layer.op_type == "Gather" and layer.mode == "int8-weight"}
-    shapes = {tuple(_const(layer.call.args[0]).shape) for layer in layers if layer.op_type == "Gather" and layer.mode == "int8-weight"}
+    int8_tables = [_const(layer.call.args[0]) for layer in layers if layer.op_type == "Gather" and layer.mode == "int8-weight"]
+    tables, shapes = {_digest(table) for table in int8_tables}, {table.shape for table in int8_tables}
     tied = 0
     for layer in layers:
         if layer.op_type == "MatMul" and layer.mode == "int4-weight":
