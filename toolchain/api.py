@@ -269,7 +269,7 @@ def tune(
     folder = user_database_root(tuning_db) / profile.name
     kernels = tune_kernels(mod, ctx.target, folder, trials, time_budget, log, known=() if retune else ctx.tuning_databases)
     return {"database": str(folder), "target": profile.name, "kernels": [k.to_json() for k in kernels],
-            "tuned": sum(k.best_ms is not None for k in kernels), "cost_model": cost_model(),
+            "tuned": sum(k.kept for k in kernels), "cost_model": cost_model(),
             "note": "measured on this machine (host); cross targets are not tuned here"}
 
 

@@ -157,8 +157,8 @@ def tune_command(model: Path, target: str, tuning_db: Path | None, shape: tuple[
                       calibration=calibration, calibrate_method=calibrate_method, activation_dtype=activation_dtype,
                       skip_fusion=_split_commas(skip_fusion), layout=layout, retune=retune, progress=not quiet)
     lines = [f"{k['name']:<48}x{k['weight']:<3}{k['trials']:>5} trials  "
-             + (f"best {k['best_ms']:.4f} ms" if k["best_ms"] is not None else k["error"] if k["trials"] == 0 else f"default kept: {k['error']}")
-             + (f"  (default {k['default_ms']:.4f} ms)" if k.get("default_ms") is not None else "")
+             + (f"tuned {k['tuned_ms']} ms" if k["kept"] else k["error"] if k["trials"] == 0 else f"default kept: {k['error']}")
+             + (f"  (default {k['default_ms']} ms)" if k["kept"] and k["default_ms"] is not None else "")
              for k in result["kernels"]]
     lines.append(f"{result['tuned']}/{len(result['kernels'])} kernels tuned; records in {result['database']} ({result['note']})")
     _emit(result, "\n".join(lines))
