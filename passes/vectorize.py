@@ -346,7 +346,7 @@ class Vectorize(GraphPass):
     def run(self, mod: Any, ctx: CompileContext) -> tuple[Any, dict[str, Any]]:
         from tvm import tirx
 
-        totals = {"kernels": 0, "kernels_vectorized": 0, "vectorized_loops": 0, "inlined": 0, "scalar_float_blocks": 0,
+        totals = {"vector_bits": ctx.vector_bits, "kernels": 0, "kernels_vectorized": 0, "vectorized_loops": 0, "inlined": 0, "scalar_float_blocks": 0,
                   "gathers_left_scalar": 0, "rows_left_scalar": 0, "fused_row_blocks": 0, "failed": 0}
         if ctx.vector_bits <= 0:
             return mod, {**totals, "skipped": "the target profile gives no vector width"}
@@ -373,6 +373,18 @@ class Vectorize(GraphPass):
                 relayouts[gvar] = relayout
         totals["weights_relaid"] = sum(len(r) for r in relayouts.values())
         return (_with_relaid_weights(result, relayouts) if relayouts else result), totals
+
+
+def default_schedule(mod: Any, name: str, vector_bits: int, vector_float: bool) -> Any:
+    """Kernel `name` of `mod` as this pass builds it when no tuning record schedules it: what `socc
+    tune` times a record against. Unchanged when the target has no vector width or the schedule fails."""
+    func = mod[name]
+    if vector_bits <= 0:
+        return func
+    try:
+        return schedule_kernel(func, vector_bits, vector_float, _constant_params(mod).get(mod.get_global_var(name), frozenset()))[0]
+    except Exception:  # noqa: BLE001 - as in the pass: the kernel keeps TVM's default
+        return func
 
 
 def _with_relaid_weights(mod: Any, relayouts: dict[Any, dict[int, tuple[int, ...]]]) -> Any:

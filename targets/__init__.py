@@ -88,6 +88,18 @@ class TargetProfile:
             target["opt-level"] = self.llvm_opt_level
         return target
 
+    def schedule_vector_bits(self) -> int:
+        """The vector width the vectorize pass schedules for: the profile's; on the host (whose
+        profile says 0), LLVM's view of this CPU: 256 with AVX2 (AVX-512 too: LLVM prefers 256-bit
+        vectors there), else 128 (SSE2 on x86-64, NEON on aarch64)."""
+        if self.vector_bits or not self.is_host:
+            return self.vector_bits
+        import tvm
+        from tvm.target import codegen  # compiler-side import, only when building
+
+        features = {str(f) for f in codegen.llvm_get_cpu_features(tvm.target.Target(self.tvm_target_json()))}
+        return 256 if "avx2" in features else 128
+
     def for_abi(self, abi: str, cc: str | None = None) -> "TargetProfile":
         """The same profile for another ABI: `gnu` (Linux, the default) or `android` (NDK clang)."""
         if abi == "gnu":

@@ -267,7 +267,8 @@ def tune(
     before = selected[: [p.name for p in selected].index("apply-tuning")]
     mod, _ = run_passes(imported.mod, before, ctx, log)
     folder = user_database_root(tuning_db) / profile.name
-    kernels = tune_kernels(mod, ctx.target, folder, trials, time_budget, log, known=() if retune else ctx.tuning_databases)
+    kernels = tune_kernels(mod, ctx.target, folder, trials, time_budget, log, known=() if retune else ctx.tuning_databases,
+                           vector=(ctx.vector_bits, ctx.vector_float))
     return {"database": str(folder), "target": profile.name, "kernels": [k.to_json() for k in kernels],
             "tuned": sum(k.kept for k in kernels), "cost_model": cost_model(),
             "note": "measured on this machine (host); cross targets are not tuned here"}
@@ -309,7 +310,7 @@ def _import_with_context(model_path: Path, profile: TargetProfile, shapes: Mappi
     samples = None
     if calibration is not None:
         samples = calibration_source(calibration, {spec.name: spec.shape for spec in imported.inputs})
-    ctx = CompileContext(tvm.target.Target(profile.tvm_target_json()), profile.name, profile.features, profile.vector_bits, options,
+    ctx = CompileContext(tvm.target.Target(profile.tvm_target_json()), profile.name, profile.features, profile.schedule_vector_bits(), options,
                          vector_float=profile.vector_float, calibration=samples, source_nodes=imported.nodes_by_op_type(),
                          int4_weights=imported.int4_weights, accelerator=profile.accelerator_facts,
                          tuning_databases=database_folders(profile.name, tuning_db))

@@ -61,9 +61,11 @@ def tuning_target(target: Any) -> Any:
 
 
 def tune_kernels(mod: Any, target: Any, folder: Path, trials: int, time_budget: float, progress: Progress,
-                 builder_timeout: float = 180.0, known: tuple[str, ...] = ()) -> list[KernelTuning]:
+                 builder_timeout: float = 180.0, known: tuple[str, ...] = (), vector: tuple[int, bool] = (0, True)) -> list[KernelTuning]:
     """Tunes the module's kernels (one MetaSchedule task each) into the database in `folder`;
-    kernels that already have a record in one of the `known` database folders are left as they are."""
+    kernels that already have a record in one of the `known` database folders are left as they are.
+    `vector` (the target's vector bits, and whether its vectors take float) says how the vectorize
+    pass schedules a kernel that has no record: the default a record must beat."""
     from tvm.s_tir import meta_schedule as ms
 
     target = tuning_target(target)
@@ -77,7 +79,7 @@ def tune_kernels(mod: Any, target: Any, folder: Path, trials: int, time_budget: 
     if not tasks:
         return results
     with progress.stage(f"time {len(tasks)} untuned kernels") as summary:
-        tasks, default_ms = _slowest_first(tasks, target)
+        tasks, default_ms = _slowest_first(tasks, target, _defaults(mod, tasks, *vector))
         summary.update(timed=sum(ms is not None for ms in default_ms.values()))
     folder.mkdir(parents=True, exist_ok=True)
     database = ms.database.JSONDatabase(work_dir=str(folder))
@@ -185,11 +187,23 @@ def cost_model() -> str:
     return "xgb" if importlib.util.find_spec("xgboost") else "random"
 
 
-def _slowest_first(tasks: list[Any], target: Any) -> tuple[list[Any], dict[str, float | None]]:
-    """The tasks by their default schedule's time on this machine times their call count, slowest
-    first; kernels that cannot be timed (symbolic shapes, a build failure) after them, by FLOPs.
-    Also returns each kernel's default time in ms (None: not timed)."""
-    seconds = [_kernel_seconds(task.dispatched[0], target) for task in tasks]
+def _defaults(mod: Any, tasks: list[Any], vector_bits: int, vector_float: bool) -> list[Any]:
+    """Each task's kernel as a compile without a record builds it (the vectorize pass's schedule)."""
+    import tvm
+
+    from .passes.vectorize import default_schedule
+
+    names = {gvar.name_hint for gvar in mod.get_global_vars()}
+    return [tvm.IRModule({"main": default_schedule(mod, task.task_name, vector_bits, vector_float).with_attr("global_symbol", "main")})
+            if task.task_name in names else task.dispatched[0] for task in tasks]
+
+
+def _slowest_first(tasks: list[Any], target: Any, defaults: list[Any]) -> tuple[list[Any], dict[str, float | None]]:
+    """The tasks by their default schedule's time on this machine (`defaults`: each task's kernel
+    as compiled without a record) times their call count, slowest first; kernels that cannot be
+    timed (symbolic shapes, a build failure) after them, by FLOPs. Also returns each kernel's
+    default time in ms (None: not timed)."""
+    seconds = [_kernel_seconds(default, target) for default in defaults]
     timed = sorted((i for i, s in enumerate(seconds) if s is not None), key=lambda i: (-seconds[i] * tasks[i].weight, tasks[i].task_name))
     rest = sorted((i for i, s in enumerate(seconds) if s is None), key=lambda i: (-_flops(tasks[i].dispatched[0]) * tasks[i].weight, tasks[i].task_name))
     default_ms = {task.task_name: _ms(s) for task, s in zip(tasks, seconds)}
