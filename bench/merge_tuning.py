@@ -21,8 +21,9 @@ def _mean_seconds(record) -> float:  # noqa: ANN001 - a MetaSchedule TuningRecor
     return sum(times) / len(times) if times else float("inf")
 
 
-def merge(shipped: Path, sources: list[Path]) -> tuple[int, int]:
-    """Rewrites `shipped` with the best record per workload; returns (workloads, records read)."""
+def merge(shipped: Path, sources: list[Path], drop: set[str] = frozenset()) -> tuple[int, int]:
+    """Rewrites `shipped` with the best record per workload, without the workloads whose hash is in
+    `drop`; returns (workloads, records read)."""
     import tvm_ffi
     from tvm.s_tir import meta_schedule as ms
 
@@ -35,6 +36,8 @@ def merge(shipped: Path, sources: list[Path]) -> tuple[int, int]:
         for record in database.get_all_tuning_records():
             read += 1
             key = f"{tvm_ffi.structural_hash(record.workload.mod):020d}"
+            if key in drop:
+                continue
             if key not in best or _mean_seconds(record) < _mean_seconds(best[key]):
                 best[key] = record
     staging = Path(tempfile.mkdtemp(prefix="merged-", dir=shipped.parent))

@@ -246,8 +246,6 @@ def tune(
     machine: host only), `trials` in all, stopping after `time_budget` seconds. The records go to
     `tuning_db` (default: the user's cache) and later `compile` calls with the same options use them.
     Kernels that already have a record (shipped or in `tuning_db`) are skipped unless `retune`."""
-    from .importer import Limits, parse_shape_options
-    from .pipeline import check_fusion_names, run_passes, select_passes
     from .tuning import cost_model, tune_kernels, user_database_root
 
     log = progress if isinstance(progress, Progress) else Progress(enabled=bool(progress))
@@ -256,6 +254,27 @@ def tune(
         raise UserError(f"socc tune measures kernels on this machine; {profile.name} code cannot run here (no device): tune for host")
     if trials < 1 or time_budget <= 0:
         raise UserError("--trials must be >= 1 and --time-budget > 0")
+    mod, ctx = kernels_before_tuning(model, profile, tuning_db, log, shape=shape, no_simplify=no_simplify, quantize=quantize,
+                                     calibration=calibration, calibrate_method=calibrate_method, activation_dtype=activation_dtype,
+                                     skip_fusion=skip_fusion, layout=layout)
+    folder = user_database_root(tuning_db) / profile.name
+    kernels = tune_kernels(mod, ctx.target, folder, trials, time_budget, log, known=() if retune else ctx.tuning_databases,
+                           vector=(ctx.vector_bits, ctx.vector_float))
+    return {"database": str(folder), "target": profile.name, "kernels": [k.to_json() for k in kernels],
+            "tuned": sum(k.kept for k in kernels), "cost_model": cost_model(),
+            "note": "measured on this machine (host); cross targets are not tuned here"}
+
+
+def kernels_before_tuning(model: str | Path, profile: TargetProfile, tuning_db: str | Path | None, log: Progress, *,
+                          shape: Mapping[str, Sequence[int]] | Sequence[str] | None = None, no_simplify: bool = False,
+                          quantize: str | None = None, calibration: str | Path | Iterable[Mapping[str, Any]] | None = None,
+                          calibrate_method: str = "mse", activation_dtype: str = "uint8", skip_fusion: Sequence[str] = (),
+                          layout: str | None = None) -> tuple[Any, Any]:
+    """The module a compile with these options has just before `apply-tuning` (its kernels are
+    what tuning records are keyed on), and the compile context."""
+    from .importer import Limits, parse_shape_options
+    from .pipeline import check_fusion_names, run_passes, select_passes
+
     shapes = parse_shape_options(shape, Limits(MAX_MODEL_BYTES, MAX_TENSOR_ELEMENTS))
     check_fusion_names(skip_fusion)
     check_layout(layout)
@@ -264,14 +283,8 @@ def tune(
     imported, ctx = _import_with_context(Path(model), profile, shapes, Limits(MAX_MODEL_BYTES, MAX_TENSOR_ELEMENTS), no_simplify,
                                          calibration, options, log, tuning_db)
     selected = select_passes(profile.default_passes)
-    before = selected[: [p.name for p in selected].index("apply-tuning")]
-    mod, _ = run_passes(imported.mod, before, ctx, log)
-    folder = user_database_root(tuning_db) / profile.name
-    kernels = tune_kernels(mod, ctx.target, folder, trials, time_budget, log, known=() if retune else ctx.tuning_databases,
-                           vector=(ctx.vector_bits, ctx.vector_float))
-    return {"database": str(folder), "target": profile.name, "kernels": [k.to_json() for k in kernels],
-            "tuned": sum(k.kept for k in kernels), "cost_model": cost_model(),
-            "note": "measured on this machine (host); cross targets are not tuned here"}
+    mod, _ = run_passes(imported.mod, selected[: [p.name for p in selected].index("apply-tuning")], ctx, log)
+    return mod, ctx
 
 
 def check_layout(layout: str | None) -> None:

@@ -101,6 +101,29 @@ def tune_kernels(mod: Any, target: Any, folder: Path, trials: int, time_budget: 
     return results
 
 
+def recorded_kernels(mod: Any, target: Any, folders: tuple[str, ...], vector: tuple[int, bool]) -> list[dict[str, Any]]:
+    """Every kernel of `mod` that the databases in `folders` hold a record for, its record's
+    schedule timed here against the default (what the vectorize pass builds without a record):
+    name, calls, `default_ms`, `record_ms`, and `workload` (the record's workload hash, as
+    MetaSchedule's JSON database keys it)."""
+    import tvm_ffi
+    from tvm.s_tir import meta_schedule as ms
+
+    target = tuning_target(target)
+    database = open_databases(folders)
+    if database is None:
+        return []
+    tasks = [t for t in ms.relax_integration.extract_tasks(mod, target)
+             if database.query_tuning_record(t.dispatched[0], target, "main") is not None]
+    rows = []
+    for task, default in zip(tasks, _defaults(mod, tasks, *vector)):
+        schedule = database.query_schedule(task.dispatched[0], target, "main")
+        rows.append({"name": task.task_name, "weight": int(task.weight), "default_ms": _ms(_kernel_seconds(default, target)),
+                     "record_ms": _ms(_kernel_seconds(schedule.mod, target)),
+                     "workload": f"{tvm_ffi.structural_hash(task.dispatched[0]):020d}"})
+    return rows
+
+
 def _tune_one(task: Any, target: Any, folder: Path, database: Any, trials: int, builder: Any, runner: Any,
               default_ms: float | None) -> KernelTuning:
     """Tunes one kernel into a scratch database; its best record goes into `database` only when
