@@ -30,6 +30,7 @@ class CompileContext:
     # MetaSchedule database folders, searched in order (`apply-tuning`); empty: no tuning records.
     tuning_databases: tuple[str, ...] = ()
     vector_float: bool = True  # False: the vector unit must not be given float math (HVX under qemu)
+    parallel: bool = False  # kernels may run loops on the TVM runtime's thread pool (not in a static program)
 
 
 class PassInputError(ValueError):

@@ -205,10 +205,35 @@ def _vectorize_innermost(sch: Any, loop_rv: Any, lanes: int, outer_anchor: Any =
     return True
 
 
+def _work(sch: Any, loops: list[Any]) -> int:
+    """The iterations of a loop nest (a reduction's multiply-adds); 0 when an extent is symbolic."""
+    total = 1
+    for loop in loops:
+        extent = _extent(sch, loop)
+        if extent is None:
+            return 0
+        total *= extent
+    return total
+
+
+def _parallel_outer(sch: Any, outer: list[Any], work: int) -> bool:
+    """Fuses the given outer spatial loops into one and runs it on the thread pool, when the nest has
+    `PARALLEL_MIN_WORK` iterations and the fused loop more than one (before decompose_reduction:
+    TVM parallelizes a loop over a whole reduction block, not over its separated update)."""
+    if work < PARALLEL_MIN_WORK or not outer or _work(sch, outer) < 2:
+        return False
+    try:
+        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+    except Exception:  # noqa: BLE001 - e.g. another block between the loops: they stay serial
+        return False
+    return True
+
+
 WEIGHT_TO_CHANNELS_LAST = (1, 2, 3, 0)  # [f, c, kh, kw] -> [c, kh, kw, f]
 
 
-def _vectorize_channels(sch: Any, block_rv: Any, lanes: int, smallest: int, constant_params: frozenset[int], relayout: dict[int, tuple[int, ...]]) -> bool:
+def _vectorize_channels(sch: Any, block_rv: Any, lanes: int, smallest: int, constant_params: frozenset[int], relayout: dict[int, tuple[int, ...]],
+                        parallel_work: int = 0, stats: dict[str, int] | None = None) -> bool:
     """A conv2d (NCHW) on a small image: vectors over the output channels instead of the image row.
 
     The weights are laid out [c, kh, kw, f] and the int32 accumulator [n, y, x, f], so both are
@@ -216,7 +241,8 @@ def _vectorize_channels(sch: Any, block_rv: Any, lanes: int, smallest: int, cons
     varies with f, is first copied to [n, h, w, c]; a conv writing the kernel's output writes a
     channels-last copy of it first). When every call passes the weights
     as a constant, the kernel takes them in that layout (`relayout` records the parameter, and the
-    caller's constants are transposed at compile time); otherwise the kernel copies them at its start."""
+    caller's constants are transposed at compile time); otherwise the kernel copies them at its start.
+    With `parallel_work` (the conv's multiply-adds), its n, y, x and channel-vector loops run in parallel."""
     block = sch.get(block_rv)
     loops = sch.get_loops(block_rv)
     depthwise = block.name_hint.startswith("group_conv2d_nchw")
@@ -251,6 +277,8 @@ def _vectorize_channels(sch: Any, block_rv: Any, lanes: int, smallest: int, cons
     f_outer, f_inner = sch.split(f, factors=[None, width])
     sch.reorder(n, y, x, f_outer, rc, ry, rx, f_inner)
     sch.vectorize(f_inner)
+    if parallel_work and _parallel_outer(sch, [n, y, x, f_outer], parallel_work) and stats is not None:
+        stats["parallel_loops"] += 1
     sch.decompose_reduction(block_rv, rc)
     return True
 
@@ -268,16 +296,23 @@ def _channels_last_stages(sch: Any, block_rv: Any) -> None:
         _channels_last_stages(sch, consumer)
 
 
-def schedule_kernel(func: Any, vector_bits: int, vector_float: bool,
-                    constant_params: frozenset[int] = frozenset()) -> tuple[Any, dict[str, int], dict[int, tuple[int, ...]]]:
-    """The kernel with elementwise producers inlined and its innermost contiguous loops vectorized.
+# A reduction with at least this many multiply-adds runs its outer spatial loops on the thread
+# pool: below it, waking the pool costs more than the work it shares.
+PARALLEL_MIN_WORK = 1 << 16
+
+
+def schedule_kernel(func: Any, vector_bits: int, vector_float: bool, constant_params: frozenset[int] = frozenset(),
+                    parallel: bool = False) -> tuple[Any, dict[str, int], dict[int, tuple[int, ...]]]:
+    """The kernel with elementwise producers inlined and its innermost contiguous loops vectorized;
+    with `parallel` (a runtime with a thread pool), each large reduction's outer spatial loops fused
+    into one parallel loop.
 
     Also returns the parameters (among `constant_params`) whose layout it changed, with the permutation
     the caller's constant must get."""
     from tvm import s_tir, tirx
 
     stats = {"inlined": 0, "vectorized_loops": 0, "scalar_float_blocks": 0, "gathers_left_scalar": 0, "rows_left_scalar": 0,
-             "fused_row_blocks": 0}
+             "fused_row_blocks": 0, "parallel_loops": 0}
     relayout: dict[int, tuple[int, ...]] = {}
     sch = s_tir.Schedule(func)
     stats["inlined"] = _inline_elementwise(sch)
@@ -306,7 +341,9 @@ def schedule_kernel(func: Any, vector_bits: int, vector_float: bool,
             # fused y*x loop crossing rows has `// W` indices, which TVM vectorizes lane by lane): vectors
             # over the output channels instead, when the conv allows
             short = _vector_width(_extent(sch, spatial[-1]) or 0, wide, smallest) == 0
-            if (strided or short) and _vectorize_channels(sch, block_rv, wide, smallest, constant_params, relayout):
+            work = _work(sch, loops)
+            if (strided or short) and _vectorize_channels(sch, block_rv, wide, smallest, constant_params, relayout,
+                                                          parallel_work=work if parallel else 0, stats=stats):
                 stats["vectorized_loops"] += 1
                 continue
             if pointwise:  # a 1x1 convolution: its rows are contiguous too, so one loop over the image
@@ -315,7 +352,11 @@ def schedule_kernel(func: Any, vector_bits: int, vector_float: bool,
             sch.reorder(*spatial[:-1], *reduce, innermost)
             if _vectorize_innermost(sch, innermost, wide, outer_anchor=reduce, smallest=smallest):
                 stats["vectorized_loops"] += 1
-            sch.decompose_reduction(block_rv, sch.get_loops(block_rv)[len(spatial) - 1])
+            outer = len(spatial) - 1  # the spatial loops around the reduction (and its init), but the vectorized one
+            if parallel and _parallel_outer(sch, sch.get_loops(block_rv)[:outer], work):
+                stats["parallel_loops"] += 1
+                outer = 1  # fused into one
+            sch.decompose_reduction(block_rv, sch.get_loops(block_rv)[outer])
         else:
             if _gathers(block):
                 stats["gathers_left_scalar"] += 1
@@ -346,7 +387,7 @@ class Vectorize(GraphPass):
     def run(self, mod: Any, ctx: CompileContext) -> tuple[Any, dict[str, Any]]:
         from tvm import tirx
 
-        totals = {"vector_bits": ctx.vector_bits, "kernels": 0, "kernels_vectorized": 0, "vectorized_loops": 0, "inlined": 0, "scalar_float_blocks": 0,
+        totals = {"vector_bits": ctx.vector_bits, "parallel": ctx.parallel, "parallel_loops": 0, "kernels": 0, "kernels_vectorized": 0, "vectorized_loops": 0, "inlined": 0, "scalar_float_blocks": 0,
                   "gathers_left_scalar": 0, "rows_left_scalar": 0, "fused_row_blocks": 0, "failed": 0}
         if ctx.vector_bits <= 0:
             return mod, {**totals, "skipped": "the target profile gives no vector width"}
@@ -361,7 +402,8 @@ class Vectorize(GraphPass):
                 totals["tuned_kept"] = totals.get("tuned_kept", 0) + 1
                 continue
             try:
-                scheduled, stats, relayout = schedule_kernel(func, ctx.vector_bits, ctx.vector_float, constants.get(gvar, frozenset()))
+                scheduled, stats, relayout = schedule_kernel(func, ctx.vector_bits, ctx.vector_float, constants.get(gvar, frozenset()),
+                                                             parallel=ctx.parallel)
             except Exception:  # noqa: BLE001 - a kernel the schedule cannot handle keeps TVM's default
                 totals["failed"] += 1
                 continue
@@ -375,14 +417,15 @@ class Vectorize(GraphPass):
         return (_with_relaid_weights(result, relayouts) if relayouts else result), totals
 
 
-def default_schedule(mod: Any, name: str, vector_bits: int, vector_float: bool) -> Any:
+def default_schedule(mod: Any, name: str, vector_bits: int, vector_float: bool, parallel: bool = False) -> Any:
     """Kernel `name` of `mod` as this pass builds it when no tuning record schedules it: what `socc
     tune` times a record against. Unchanged when the target has no vector width or the schedule fails."""
     func = mod[name]
     if vector_bits <= 0:
         return func
     try:
-        return schedule_kernel(func, vector_bits, vector_float, _constant_params(mod).get(mod.get_global_var(name), frozenset()))[0]
+        return schedule_kernel(func, vector_bits, vector_float, _constant_params(mod).get(mod.get_global_var(name), frozenset()),
+                               parallel)[0]
     except Exception:  # noqa: BLE001 - as in the pass: the kernel keeps TVM's default
         return func
 

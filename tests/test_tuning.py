@@ -22,7 +22,8 @@ WIDE_SHAPE = ["x=64,256"]
 @pytest.fixture(scope="module")
 def wide_mlp(models_dir: Path) -> Path:
     """x[64,256] -> MatMul 256x256 -> Add -> Relu: big enough that a tuned schedule beats the
-    default (a scalar triple loop) in 2 trials, small enough to build fast."""
+    default (vectorized, parallel: 0.67-0.76 ms here; the best of 4 MetaSchedule trials 0.13-0.27 ms),
+    small enough to build fast."""
     rng = np.random.default_rng(1)
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "W"], ["mm"]), helper.make_node("Add", ["mm", "B"], ["biased"]),
@@ -44,10 +45,10 @@ def _apply_stats(art: api.Artifact) -> dict:
 
 def test_tuned_records_are_applied_by_later_compiles(wide_mlp: Path, tmp_path: Path) -> None:
     db = tmp_path / "db"
-    result = run_socc("tune", wide_mlp, "--tuning-db", db, "--shape", WIDE_SHAPE[0], "--trials", "2", "--json", "--quiet")
+    result = run_socc("tune", wide_mlp, "--tuning-db", db, "--shape", WIDE_SHAPE[0], "--trials", "4", "--json", "--quiet")
     assert result.code == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["tuned"] >= 1 and report["tuned"] == sum(k["kept"] for k in report["kernels"])
+    assert report["tuned"] >= 1 and report["tuned"] == sum(k["kept"] for k in report["kernels"]), report["kernels"]
     # a record is kept only when its schedule, timed here as the default was, is faster
     assert all(0 < k["tuned_ms"] < k["default_ms"] for k in report["kernels"] if k["kept"])
     # tuned slowest first: each kernel's default schedule timed once here, ordered by time x calls

@@ -259,7 +259,7 @@ def tune(
                                      skip_fusion=skip_fusion, layout=layout)
     folder = user_database_root(tuning_db) / profile.name
     kernels = tune_kernels(mod, ctx.target, folder, trials, time_budget, log, known=() if retune else ctx.tuning_databases,
-                           vector=(ctx.vector_bits, ctx.vector_float))
+                           vector=(ctx.vector_bits, ctx.vector_float, ctx.parallel))
     return {"database": str(folder), "target": profile.name, "kernels": [k.to_json() for k in kernels],
             "tuned": sum(k.kept for k in kernels), "cost_model": cost_model(),
             "note": "measured on this machine (host); cross targets are not tuned here"}
@@ -324,7 +324,7 @@ def _import_with_context(model_path: Path, profile: TargetProfile, shapes: Mappi
     if calibration is not None:
         samples = calibration_source(calibration, {spec.name: spec.shape for spec in imported.inputs})
     ctx = CompileContext(tvm.target.Target(profile.tvm_target_json()), profile.name, profile.features, profile.schedule_vector_bits(), options,
-                         vector_float=profile.vector_float, calibration=samples, source_nodes=imported.nodes_by_op_type(),
+                         vector_float=profile.vector_float, parallel=not profile.is_static, calibration=samples, source_nodes=imported.nodes_by_op_type(),
                          int4_weights=imported.int4_weights, accelerator=profile.accelerator_facts,
                          tuning_databases=database_folders(profile.name, tuning_db))
     return imported, ctx

@@ -61,11 +61,12 @@ def tuning_target(target: Any) -> Any:
 
 
 def tune_kernels(mod: Any, target: Any, folder: Path, trials: int, time_budget: float, progress: Progress,
-                 builder_timeout: float = 180.0, known: tuple[str, ...] = (), vector: tuple[int, bool] = (0, True)) -> list[KernelTuning]:
+                 builder_timeout: float = 180.0, known: tuple[str, ...] = (), vector: tuple[int, bool, bool] = (0, True, False)) -> list[KernelTuning]:
     """Tunes the module's kernels (one MetaSchedule task each) into the database in `folder`;
     kernels that already have a record in one of the `known` database folders are left as they are.
-    `vector` (the target's vector bits, and whether its vectors take float) says how the vectorize
-    pass schedules a kernel that has no record: the default a record must beat."""
+    `vector` (the target's vector bits, whether its vectors take float, whether kernels may run
+    parallel loops) says how the vectorize pass schedules a kernel that has no record: the default
+    a record must beat."""
     from tvm.s_tir import meta_schedule as ms
 
     target = tuning_target(target)
@@ -101,7 +102,7 @@ def tune_kernels(mod: Any, target: Any, folder: Path, trials: int, time_budget: 
     return results
 
 
-def recorded_kernels(mod: Any, target: Any, folders: tuple[str, ...], vector: tuple[int, bool]) -> list[dict[str, Any]]:
+def recorded_kernels(mod: Any, target: Any, folders: tuple[str, ...], vector: tuple[int, bool, bool]) -> list[dict[str, Any]]:
     """Every kernel of `mod` that the databases in `folders` hold a record for, its record's
     schedule timed here against the default (what the vectorize pass builds without a record):
     name, calls, `default_ms`, `record_ms`, and `workload` (the record's workload hash, as
@@ -210,14 +211,14 @@ def cost_model() -> str:
     return "xgb" if importlib.util.find_spec("xgboost") else "random"
 
 
-def _defaults(mod: Any, tasks: list[Any], vector_bits: int, vector_float: bool) -> list[Any]:
+def _defaults(mod: Any, tasks: list[Any], vector_bits: int, vector_float: bool, parallel: bool) -> list[Any]:
     """Each task's kernel as a compile without a record builds it (the vectorize pass's schedule)."""
     import tvm
 
     from .passes.vectorize import default_schedule
 
     names = {gvar.name_hint for gvar in mod.get_global_vars()}
-    return [tvm.IRModule({"main": default_schedule(mod, task.task_name, vector_bits, vector_float).with_attr("global_symbol", "main")})
+    return [tvm.IRModule({"main": default_schedule(mod, task.task_name, vector_bits, vector_float, parallel).with_attr("global_symbol", "main")})
             if task.task_name in names else task.dispatched[0] for task in tasks]
 
 
