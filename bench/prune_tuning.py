@@ -43,7 +43,7 @@ def main() -> int:
                 continue
             for label, options in (("float", {}), ("int8", {"quantize": "int8", "calibration": calibration(name, inputs)})):
                 mod, ctx = api.kernels_before_tuning(path, host, None, Progress(enabled=False), shape=shapes, **options)
-                rows = recorded_kernels(mod, ctx.target, (str(shipped),), (ctx.vector_bits, ctx.vector_float, ctx.parallel))
+                rows = recorded_kernels(mod, ctx, (str(shipped),))
                 for row in rows:
                     lost = row["record_ms"] is None or (row["default_ms"] is not None and row["record_ms"] >= row["default_ms"])
                     if lost:

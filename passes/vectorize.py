@@ -417,15 +417,15 @@ class Vectorize(GraphPass):
         return (_with_relaid_weights(result, relayouts) if relayouts else result), totals
 
 
-def default_schedule(mod: Any, name: str, vector_bits: int, vector_float: bool, parallel: bool = False) -> Any:
+def default_schedule(mod: Any, name: str, ctx: CompileContext) -> Any:
     """Kernel `name` of `mod` as this pass builds it when no tuning record schedules it: what `socc
     tune` times a record against. Unchanged when the target has no vector width or the schedule fails."""
     func = mod[name]
-    if vector_bits <= 0:
+    if ctx.vector_bits <= 0:
         return func
     try:
-        return schedule_kernel(func, vector_bits, vector_float, _constant_params(mod).get(mod.get_global_var(name), frozenset()),
-                               parallel)[0]
+        return schedule_kernel(func, ctx.vector_bits, ctx.vector_float, _constant_params(mod).get(mod.get_global_var(name), frozenset()),
+                               parallel=ctx.parallel)[0]
     except Exception:  # noqa: BLE001 - as in the pass: the kernel keeps TVM's default
         return func
 

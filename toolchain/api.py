@@ -258,8 +258,7 @@ def tune(
                                      calibration=calibration, calibrate_method=calibrate_method, activation_dtype=activation_dtype,
                                      skip_fusion=skip_fusion, layout=layout)
     folder = user_database_root(tuning_db) / profile.name
-    kernels = tune_kernels(mod, ctx.target, folder, trials, time_budget, log, known=() if retune else ctx.tuning_databases,
-                           vector=(ctx.vector_bits, ctx.vector_float, ctx.parallel))
+    kernels = tune_kernels(mod, ctx, folder, trials, time_budget, log, known=() if retune else ctx.tuning_databases)
     return {"database": str(folder), "target": profile.name, "kernels": [k.to_json() for k in kernels],
             "tuned": sum(k.kept for k in kernels), "cost_model": cost_model(),
             "note": "measured on this machine (host); cross targets are not tuned here"}

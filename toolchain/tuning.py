@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .passes.apply_tuning import open_databases
+from .passes.base import CompileContext
 from .progress import Progress
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "tuning"
@@ -60,16 +61,15 @@ def tuning_target(target: Any) -> Any:
     return tvm.target.Target({k: v for k, v in config.items() if k not in ("keys", "tag", "feature")})
 
 
-def tune_kernels(mod: Any, target: Any, folder: Path, trials: int, time_budget: float, progress: Progress,
-                 builder_timeout: float = 180.0, known: tuple[str, ...] = (), vector: tuple[int, bool, bool] = (0, True, False)) -> list[KernelTuning]:
+def tune_kernels(mod: Any, ctx: CompileContext, folder: Path, trials: int, time_budget: float, progress: Progress,
+                 builder_timeout: float = 180.0, known: tuple[str, ...] = ()) -> list[KernelTuning]:
     """Tunes the module's kernels (one MetaSchedule task each) into the database in `folder`;
     kernels that already have a record in one of the `known` database folders are left as they are.
-    `vector` (the target's vector bits, whether its vectors take float, whether kernels may run
-    parallel loops) says how the vectorize pass schedules a kernel that has no record: the default
-    a record must beat."""
+    The compile context `ctx` gives the target, and how the vectorize pass schedules a kernel that
+    has no record: the default a record must beat."""
     from tvm.s_tir import meta_schedule as ms
 
-    target = tuning_target(target)
+    target = tuning_target(ctx.target)
     tasks = ms.relax_integration.extract_tasks(mod, target)
     # the databases as apply-tuning opens them: a kernel counts as tuned when a compile would use a record
     known_database = open_databases(known)
@@ -80,7 +80,7 @@ def tune_kernels(mod: Any, target: Any, folder: Path, trials: int, time_budget: 
     if not tasks:
         return results
     with progress.stage(f"time {len(tasks)} untuned kernels") as summary:
-        tasks, default_ms = _slowest_first(tasks, target, _defaults(mod, tasks, *vector))
+        tasks, default_ms = _slowest_first(tasks, target, _defaults(mod, tasks, ctx))
         summary.update(timed=sum(ms is not None for ms in default_ms.values()))
     folder.mkdir(parents=True, exist_ok=True)
     database = ms.database.JSONDatabase(work_dir=str(folder))
@@ -102,7 +102,7 @@ def tune_kernels(mod: Any, target: Any, folder: Path, trials: int, time_budget: 
     return results
 
 
-def recorded_kernels(mod: Any, target: Any, folders: tuple[str, ...], vector: tuple[int, bool, bool]) -> list[dict[str, Any]]:
+def recorded_kernels(mod: Any, ctx: CompileContext, folders: tuple[str, ...]) -> list[dict[str, Any]]:
     """Every kernel of `mod` that the databases in `folders` hold a record for, its record's
     schedule timed here against the default (what the vectorize pass builds without a record):
     name, calls, `default_ms`, `record_ms`, and `workload` (the record's workload hash, as
@@ -110,14 +110,14 @@ def recorded_kernels(mod: Any, target: Any, folders: tuple[str, ...], vector: tu
     import tvm_ffi
     from tvm.s_tir import meta_schedule as ms
 
-    target = tuning_target(target)
+    target = tuning_target(ctx.target)
     database = open_databases(folders)
     if database is None:
         return []
     tasks = [t for t in ms.relax_integration.extract_tasks(mod, target)
              if database.query_tuning_record(t.dispatched[0], target, "main") is not None]
     rows = []
-    for task, default in zip(tasks, _defaults(mod, tasks, *vector)):
+    for task, default in zip(tasks, _defaults(mod, tasks, ctx)):
         schedule = database.query_schedule(task.dispatched[0], target, "main")
         rows.append({"name": task.task_name, "weight": int(task.weight), "default_ms": _ms(_kernel_seconds(default, target)),
                      "record_ms": _ms(_kernel_seconds(schedule.mod, target)),
@@ -211,14 +211,14 @@ def cost_model() -> str:
     return "xgb" if importlib.util.find_spec("xgboost") else "random"
 
 
-def _defaults(mod: Any, tasks: list[Any], vector_bits: int, vector_float: bool, parallel: bool) -> list[Any]:
+def _defaults(mod: Any, tasks: list[Any], ctx: CompileContext) -> list[Any]:
     """Each task's kernel as a compile without a record builds it (the vectorize pass's schedule)."""
     import tvm
 
     from .passes.vectorize import default_schedule
 
     names = {gvar.name_hint for gvar in mod.get_global_vars()}
-    return [tvm.IRModule({"main": default_schedule(mod, task.task_name, vector_bits, vector_float, parallel).with_attr("global_symbol", "main")})
+    return [tvm.IRModule({"main": default_schedule(mod, task.task_name, ctx).with_attr("global_symbol", "main")})
             if task.task_name in names else task.dispatched[0] for task in tasks]
 
 
