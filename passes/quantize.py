@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from .base import CompileContext, GraphPass, PassInputError
+from .requantize import Dequantized, resolve
 from .stats import constant_bytes
 
 SCHEMES = ("int8", "int4-weight")
@@ -127,8 +128,13 @@ def _rewrite(mod: Any, layers: list[Layer], options: dict[str, Any], stats: dict
         stats["integer_requantized"] = rewriter.requantized
     # CanonicalizeBindings: the integer-requantize path binds the dequantized output to the layer's
     # var through an alias (v = dequantized), which FuseOps would treat as a kernel boundary
-    mod = relax.transform.DeadCodeElimination()(relax.transform.CanonicalizeBindings()(relax.transform.Normalize()(mod)))
+    # (not with taps: they are aliases, which it would remove)
+    mod = relax.transform.Normalize()(mod)
+    if not rewriter.taps:
+        mod = relax.transform.DeadCodeElimination()(relax.transform.CanonicalizeBindings()(mod))
     stats["weights_bytes"] = constant_bytes(mod)
+    if rewriter.taps:
+        stats["taps"] = rewriter.taps
     stats["layers_by_mode"] = dict(sorted(Counter(layer.mode for layer in layers).items()))
     stats["layers"] = [layer.to_json() for layer in layers]
     return mod, stats
@@ -758,9 +764,13 @@ class _Rewriter:
         self.weight_scheme = options.get("weight_scheme") or DEFAULT_WEIGHT_SCHEME
         self.int8_rows: dict[str, tuple[Any, Any]] = {}  # table digest -> (int8 rows, row scales) constants
         self.integer_requantize = options.get("requantize") == "integer"
-        # dequantized output var -> (its int32 accumulator var, the float32 rescale, the largest |accumulator|)
-        self.dequantized: dict[int, tuple[Any, np.ndarray, int]] = {}
+        self.dequantized: dict[int, Dequantized] = {}  # by the dequantized output var
+        self.offsets: dict[int, tuple[Any, np.ndarray]] = {}  # shifted output var -> (dequantized var, offset)
+        self.model_biases: dict[int, np.ndarray] = {}  # by offset + bias constant: that bias
         self.requantized = 0
+        # `tap_layers` (per-layer verify): every layer's output keeps a var of its own and its offset stays unfolded
+        self.tap_layers = bool(options.get("tap_layers"))
+        self.taps: dict[str, str] = {}  # layer name -> its output var's name
 
     def rewrite(self) -> Any:
         from tvm import relax
@@ -777,8 +787,12 @@ class _Rewriter:
                 layer = outer.plans.get(id_of(call))
                 new = self.visit_expr_post_order(call)
                 if layer is None:
-                    return new
+                    folded = outer.fold_offset(new, self)
+                    return new if folded is None else folded
                 lowered = outer.lower(layer, new, self)
+                if outer.tap_layers:  # a var of a name of its own: per-layer verify taps it
+                    outer.taps[layer.name] = f"socc_layer_{len(outer.taps)}"
+                    lowered = self.builder_.emit(lowered, name_hint=outer.taps[layer.name])
                 if outer.switch is None:
                     return lowered
                 flag = relax.op.take(outer.switch, relax.const(outer.order[id_of(call)], "int64"), axis=0)
@@ -822,24 +836,66 @@ class _Rewriter:
         clip; None otherwise (the float quantize is used)."""
         from .requantize import integer_requantize, trace_epilogue
 
-        found = trace_epilogue(mutator, x, self.dequantized)
+        found = trace_epilogue(mutator, x, self.dequantized, self.model_biases)
         if found is None:
             return None
         expr = integer_requantize(mutator, found, layer.scale, layer.zero_point, self.act_dtype)
         self.requantized += expr is not None
         return expr
 
-    def dequantize(self, acc: Any, rescale: np.ndarray, reduction: int, mutator: Any) -> Any:
-        """float(acc) * rescale; with integer requantize on, emitted and remembered for requantize_expr
+    def dequantize(self, acc: Any, rescale: np.ndarray, correction: np.ndarray, reduction: int, mutator: Any) -> Any:
+        """float(acc - correction) * rescale, computed as float(acc) * rescale + offset with the
+        per-channel offset -correction * rescale, so that the float bias add which usually follows
+        takes the offset into its own constant (`fold_offset`) and the correction costs no bytes;
+        with integer requantize on, the correction goes into the requantize's int32 bias instead
         (`reduction`: products summed per output, which bounds the accumulator)."""
         from tvm import relax
 
-        if not self.integer_requantize:
-            return _dequantize(acc, relax.const(rescale))
+        op = relax.op
         acc_var = mutator.builder_.emit(acc)
         dequantized = mutator.builder_.emit(_dequantize(acc_var, relax.const(rescale)))
-        self.dequantized[id_of(dequantized)] = (acc_var, rescale, 255 * 127 * reduction)
-        return dequantized
+        record = Dequantized(acc_var, 255 * 127 * reduction, rescale, correction.astype(np.int32))
+        self.dequantized[id_of(dequantized)] = record
+        if not correction.any():
+            return dequantized
+        offset = (-correction.astype(np.float64) * rescale).astype(np.float32)
+        shifted = mutator.builder_.emit(op.add(dequantized, self.offset_constant(offset, np.zeros_like(offset))))
+        self.offsets[id_of(shifted)] = (dequantized, offset)
+        self.dequantized[id_of(shifted)] = record
+        return shifted
+
+    def offset_constant(self, offset: np.ndarray, bias: np.ndarray) -> Any:
+        """The constant offset + bias, its model bias remembered for the integer requantize's trace."""
+        from tvm import relax
+
+        constant = relax.const(offset + bias)
+        self.model_biases[id_of(constant)] = bias
+        return constant
+
+    def fold_offset(self, call: Any, mutator: Any) -> Any:
+        """add(shifted, bias) -> add(dequantized, offset + bias) when `shifted` is a layer's
+        dequantized output plus its zero-point offset and `bias` a float32 constant along the same
+        channel axis (or a scalar); None otherwise. The model's bias is kept for integer requantize,
+        which folds the correction into its int32 bias exactly."""
+        from tvm import relax
+        from tvm.ir.expr import Constant
+
+        if self.tap_layers or not self.offsets or getattr(call.op, "name", "") != "relax.add":
+            return None
+        lhs, rhs = call.args
+        if isinstance(lhs, Constant):
+            lhs, rhs = rhs, lhs
+        found = resolve(mutator, lhs)
+        if found is None or not isinstance(rhs, Constant) or id_of(found[0]) not in self.offsets:
+            return None
+        dequantized, offset = self.offsets[id_of(found[0])]
+        bias = rhs.value.numpy()
+        if bias.dtype != np.float32 or bias.size not in (1, offset.size):
+            return None
+        if bias.size > 1 and np.broadcast_shapes(bias.shape, offset.shape) != offset.shape:
+            return None  # not along the offset's channel axis
+        bias = np.broadcast_to(bias.reshape(offset.shape if bias.size > 1 else ()), offset.shape).copy()
+        return relax.op.add(dequantized, self.offset_constant(offset, bias))
 
     def lower(self, layer: Layer, call: Any, mutator: Any) -> Any:
         if layer.mode == "int8":
@@ -867,11 +923,9 @@ class _Rewriter:
         acc = op.nn.conv2d(xq, relax.const(wq), strides=attrs.strides, padding=padding, dilation=attrs.dilation,
                            groups=int(attrs.groups), data_layout=data_layout, kernel_layout=kernel_layout, out_dtype="int32")
         channel_shape = [-1 if axis == "C" else 1 for axis in data_layout]  # one value per output channel
-        if layer.zero_point:
-            sums = wq.astype(np.int64).sum(axis=tuple(i for i in range(wq.ndim) if i != out_axis))
-            acc = op.subtract(acc, relax.const((layer.zero_point * sums).astype(np.int32).reshape(channel_shape)))
+        sums = wq.astype(np.int64).sum(axis=tuple(i for i in range(wq.ndim) if i != out_axis))
         rescale = (np.float64(layer.scale) * w_scale).astype(np.float32).reshape(channel_shape)
-        return self.dequantize(acc, rescale, wq.size // wq.shape[out_axis], mutator)
+        return self.dequantize(acc, rescale, layer.zero_point * sums.reshape(channel_shape), wq.size // wq.shape[out_axis], mutator)
 
     def matmul_int8(self, layer: Layer, call: Any, mutator: Any) -> Any:
         from tvm import relax
@@ -879,11 +933,8 @@ class _Rewriter:
         op = relax.op
         wq, w_scale = quantize_per_channel(_const(call.args[1]), axis=1, levels=layer.levels)
         acc = op.matmul(self.activation(mutator, call.args[0], layer), relax.const(wq), out_dtype="int32")
-        if layer.zero_point:
-            correction = (layer.zero_point * wq.astype(np.int64).sum(axis=0)).astype(np.int32)
-            acc = op.subtract(acc, relax.const(correction))
         rescale = (np.float64(layer.scale) * w_scale).astype(np.float32)
-        return self.dequantize(acc, rescale, wq.shape[0], mutator)
+        return self.dequantize(acc, rescale, layer.zero_point * wq.astype(np.int64).sum(axis=0), wq.shape[0], mutator)
 
     def take_int8(self, call: Any) -> Any:
         from tvm import relax

@@ -10,7 +10,8 @@ act a ReLU or clip). The integer path computes
 
     q = clip(((int64(acc + B[c]) * M[c] + 2^(S-1)) >> S) + z, lo', hi')
 
-with B[c] = round(b[c] / r[c]), M[c] = round(r[c] / s * 2^S) under 2^31 (one shift S per layer,
+with B[c] = round(b[c] / r[c]) - C[c] (C the layer's zero-point correction, folded here
+instead of subtracted from the accumulator), M[c] = round(r[c] / s * 2^S) under 2^31 (one shift S per layer,
 fixed by the largest multiplier) and the activation folded into the clip bounds (a ReLU clips at
 z, clip(a, b) at z + round(a / s) and z + round(b / s)). acc + B stays int32 and the product is a
 32 x 32 -> 64-bit multiply whose high half LLVM finds (HVX: vmpye/vmpyo).
@@ -28,18 +29,26 @@ INT32_LIMIT = 1 << 31
 
 
 @dataclasses.dataclass
+class Dequantized:
+    """An int8 layer's float output float(acc - correction) * rescale, as the quantize pass emitted it."""
+
+    acc: Any  # the int32 accumulator var (the correction not yet subtracted)
+    acc_bound: int  # the largest |acc| the layer's codes can give
+    rescale: np.ndarray  # float32, broadcast like the accumulator's channel axis
+    correction: np.ndarray  # int32 per channel, same shape as rescale: input zero point x weight column sums
+
+
+@dataclasses.dataclass
 class Epilogue:
     """What lies between an int8 layer's accumulator and the next quantize."""
 
-    acc: Any  # the int32 accumulator var
-    acc_bound: int  # the largest |acc| the layer's codes can give
-    rescale: np.ndarray  # float32, broadcast like the accumulator's channel axis
+    source: Dequantized
     bias: np.ndarray  # float32, same shape as rescale
     low: float  # the activation's bounds in float (-inf/inf: none)
     high: float
 
 
-def _resolve(mutator: Any, var: Any) -> Any:
+def resolve(mutator: Any, var: Any) -> Any:
     """The value bound to `var`, through aliases (v1 = v0); None for a non-var or unbound var."""
     from tvm import relax
 
@@ -49,38 +58,43 @@ def _resolve(mutator: Any, var: Any) -> Any:
     return None if value is None or value is var else (var, value)
 
 
-def trace_epilogue(mutator: Any, x: Any, dequantized: dict[int, tuple[Any, np.ndarray, int]]) -> Epilogue | None:
+def trace_epilogue(mutator: Any, x: Any, dequantized: dict[int, Dequantized], model_biases: dict[int, np.ndarray]) -> Epilogue | None:
     """x's chain back to a dequantized accumulator: [relu | clip] (add(dequantized, bias constant) | dequantized).
 
-    `dequantized`: by the hash of each dequantized output var (an IR node's identity)."""
+    `dequantized`: by the hash of each dequantized output var (an IR node's identity);
+    `model_biases`: by the hash of a bias constant that holds the model's bias minus the layer's
+    zero-point correction x rescale, that model bias (exact, for the integer bias)."""
     from tvm import relax
     from tvm.ir.expr import Constant
 
     low, high = -math.inf, math.inf
-    found = _resolve(mutator, x)
+    found = resolve(mutator, x)
     for _ in range(2):  # relu, clip, or the max/min pair TVM's importer makes of a Clip with input bounds
         bounds = _activation_bounds(found[1]) if found is not None else None
         if bounds is None:
             break
         low, high = max(low, bounds[0]), min(high, bounds[1])
-        found = _resolve(mutator, bounds[2])
-    bias = None
+        found = resolve(mutator, bounds[2])
+    bias = bias_constant = None
     if found is not None and isinstance(found[1], relax.Call) and getattr(found[1].op, "name", "") == "relax.add":
         lhs, rhs = found[1].args
         if isinstance(rhs, relax.Var) and isinstance(lhs, Constant):
             lhs, rhs = rhs, lhs
         if not (isinstance(lhs, relax.Var) and isinstance(rhs, Constant)):
             return None
-        bias = rhs.value.numpy()
-        found = _resolve(mutator, lhs)
+        bias, bias_constant = rhs.value.numpy(), rhs
+        found = resolve(mutator, lhs)
     if found is None or found[0].__hash__() not in dequantized:
         return None
-    acc, rescale, acc_bound = dequantized[found[0].__hash__()]
+    source = dequantized[found[0].__hash__()]
+    rescale = source.rescale
+    if bias_constant is not None and bias_constant.__hash__() in model_biases:
+        bias = model_biases[bias_constant.__hash__()]
     if bias is None:
         bias = np.zeros_like(rescale)
     if bias.dtype != np.float32 or bias.size != rescale.size or np.broadcast_shapes(bias.shape, rescale.shape) != rescale.shape:
         return None  # not one value per output channel along the accumulator's channel axis
-    return Epilogue(acc, acc_bound, rescale, bias.reshape(rescale.shape), low, high)
+    return Epilogue(source, bias.reshape(rescale.shape), low, high)
 
 
 def _activation_bounds(value: Any) -> tuple[float, float, Any] | None:
@@ -131,11 +145,12 @@ def integer_requantize(mutator: Any, epilogue: Epilogue, scale: float, zero_poin
     (a non-positive rescale, acc + bias that could overflow int32)."""
     from tvm import relax
 
-    rescale = epilogue.rescale.astype(np.float64)
+    source = epilogue.source
+    rescale = source.rescale.astype(np.float64)
     if not np.all(rescale > 0):
         return None
-    bias_codes = np.rint(epilogue.bias.astype(np.float64) / rescale)
-    if epilogue.acc_bound + np.abs(bias_codes).max(initial=0) >= INT32_LIMIT:
+    bias_codes = np.rint(epilogue.bias.astype(np.float64) / rescale) - source.correction
+    if source.acc_bound + np.abs(bias_codes).max(initial=0) >= INT32_LIMIT:
         return None  # acc + B could overflow int32
     multiplier, shift = fixed_point(rescale / scale)
     lo, hi = (0, 255) if dtype == "uint8" else (-127, 127)
@@ -144,8 +159,8 @@ def integer_requantize(mutator: Any, epilogue: Epilogue, scale: float, zero_poin
     if epilogue.high < math.inf:
         hi = min(hi, zero_point + int(np.clip(np.rint(epilogue.high / scale), -INT32_LIMIT, INT32_LIMIT)))
     lo, hi = min(lo, hi), hi
-    axis = len(epilogue.acc.ty.shape) - rescale.ndim + int(np.argmax(rescale.shape))
-    return mutator.builder_.call_te(_requantize_te, epilogue.acc, relax.const(bias_codes.astype(np.int32).reshape(-1)),
+    axis = len(source.acc.ty.shape) - rescale.ndim + int(np.argmax(rescale.shape))
+    return mutator.builder_.call_te(_requantize_te, source.acc, relax.const(bias_codes.astype(np.int32).reshape(-1)),
                                     relax.const(multiplier.reshape(-1)), axis=axis, shift=shift, zero_point=zero_point,
                                     bounds=(lo, hi), dtype=dtype, primfunc_name_hint="requantize")
 

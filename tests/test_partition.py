@@ -52,6 +52,8 @@ def test_cnn_int8_for_dimensity_9300(mobilenet: Path, cnn_calibration: Path, tmp
     assert placement["subgraphs_built_for"] == "cpu" and "relax.ext.nnapi" in placement["why"]
     assert placement["map"][0]["ops"]["nn.conv2d"] == 52  # every conv of MobileNetV2-0.5 on the APU
     assert "partition" not in [p["name"] for p in whole.manifest["passes"] if p["stats"].get("subgraphs")]
+    quant = whole.manifest["quantization"]  # a real architecture's int8 weights, scales and biases included
+    assert quant["weights_bytes"] <= 0.26 * quant["weights_bytes_float"], quant["weights_bytes"] / quant["weights_bytes_float"]
     rng = np.random.default_rng(1)
     for _ in range(3):
         feed = {"image": rng.standard_normal((1, 3, 96, 96)).astype(np.float32)}

@@ -72,7 +72,7 @@ def per_layer_errors(artifact: Artifact, source: Path, feed: Mapping[str, np.nda
         raise UserError(f"--per-layer quantizes the model again and needs its calibration data: {calibration} is gone")
     profile = load_profile("host")  # a layer's quantized values are the same on every target
     pass_options = {"shape": options.get("shape", {}), "max_shape": {}, "skip_fusion": options.get("skip_fusion", []),
-                    **_quantize_options(**quantize_options)}
+                    **_quantize_options(**quantize_options), "tap_layers": True}
     log = Progress(enabled=False)
     imported, ctx = _import_with_context(source, profile, options.get("shape", {}), Limits(MAX_MODEL_BYTES, MAX_TENSOR_ELEMENTS),
                                          bool(options.get("no_simplify")), calibration, pass_options, log, None)
@@ -81,6 +81,7 @@ def per_layer_errors(artifact: Artifact, source: Path, feed: Mapping[str, np.nda
     float_mod, _ = run_passes(imported.mod, selected[: names.index("quantize")], ctx, log)
     quant_mod, records = run_passes(float_mod, [selected[names.index("quantize")]], ctx, log)
     modes = {layer["name"]: layer["mode"] for layer in records[0].stats.get("layers", [])}
+    taps = records[0].stats.get("taps", {})  # layer name -> the name of its output var in the quantized module
 
     float_main, quant_main = float_mod["main"], quant_mod["main"]
     float_vars, quant_vars = _binding_vars(float_main), _vars_by_name(quant_main)
@@ -89,7 +90,7 @@ def per_layer_errors(artifact: Artifact, source: Path, feed: Mapping[str, np.nda
         if modes.get(layer.name, "float") == "float":
             continue
         float_var = float_vars.get(layer.call.__hash__())
-        quant_var = None if float_var is None else quant_vars.get(str(float_var.name))
+        quant_var = quant_vars.get(taps.get(layer.name, ""))
         if quant_var is not None:
             pairs.append((layer, float_var, quant_var))
     if not pairs:
