@@ -78,8 +78,9 @@ class Layer:
     reason: str = ""
     scale: float = 0.0
     zero_point: int = 0
+    dynamic_zero_point: Any = None  # a scalar 8-bit var: the input's zero point, computed at run time
     quantized_input: Any = None  # a pre-quantized model's own 8-bit input tensor (QDQ form)
-    levels: int = 127  # the largest weight code (a pre-quantized model's grid may use fewer)
+    levels: int = 127  # the largest weight code (a pre-quantized model's grid may use fewer); OWN_CODES
     int4: tuple[Any, ...] | None = None  # GPTQ's or the model's packed codes, scales, zero points
     group: int = 0  # the int4 group length when it is the model's own (MatMulNBits block_size)
 
@@ -89,7 +90,7 @@ class Layer:
             record["reason"] = self.reason
         if self.mode == "int8":
             record["input_scale"] = self.scale
-            record["input_zero_point"] = self.zero_point
+            record["input_zero_point"] = "dynamic" if self.dynamic_zero_point is not None else self.zero_point
         return record
 
 
@@ -183,7 +184,7 @@ def _prequantized(mod: Any, ctx: CompileContext) -> tuple[Any, dict[str, Any]]:
                       for i in range(integer_matmuls)]
     main = mod["main"]
     bound = relax.analysis.get_var2val(main)
-    layers = find_layers(main, ctx.source_nodes)
+    layers = [layer for layer in find_layers(main, ctx.source_nodes) if _dtype(layer.call) != "int32"]  # not integer matmuls
     for layer in layers:
         if layer.op_type == "MatMul" and ctx.int4_weights and _from_matmul_nbits(layer, ctx.int4_weights):
             continue
@@ -192,11 +193,17 @@ def _prequantized(mod: Any, ctx: CompileContext) -> tuple[Any, dict[str, Any]]:
         levels = None if reason else _int8_grid(_const(layer.call.args[1]), axis=_weight_out_axis(layer))
         if not reason and levels is None:
             reason = "weight is not on a symmetric int8 per-channel grid"
+        if not reason and not isinstance(source[2], int):
+            reason = _dynamic_zero_point_reason(layer)
         if reason:
             layer.mode, layer.reason = "float", reason
         else:
             layer.mode, layer.quantized_input, layer.levels = "int8", source[0], levels
-            layer.scale, layer.zero_point = source[1], source[2]
+            layer.scale = source[1]
+            if isinstance(source[2], int):
+                layer.zero_point = source[2]
+            else:
+                layer.dynamic_zero_point = source[2]
     if not any(layer.mode in ("int8", "int4-weight") for layer in layers):
         if integer_matmuls:
             return mod, {"scheme": "matmul-integer", "integer_matmuls": integer_matmuls, "weight_scheme": "the model's own",
@@ -296,25 +303,52 @@ def _from_matmul_nbits(layer: Layer, table: Any) -> bool:
     return True
 
 
-def _dequantized_input(layer: Layer, bound: Any) -> tuple[Any, float, int] | None:
-    """(8-bit tensor, scale, zero point) when the layer's input is a per-tensor dequantize of it."""
+def _dequantized_input(layer: Layer, bound: Any) -> tuple[Any, float, Any] | None:
+    """(8-bit tensor, scale, zero point) when the layer's input is a per-tensor dequantize of it with
+    a constant scale. The zero point is an int, or a scalar 8-bit var when it is computed at run
+    time (DynamicQuantizeLinear's, as onnxruntime's quantize_dynamic feeds ConvInteger)."""
     import tvm
 
     value = bound.get(layer.call.args[0])
     if value is None or not isinstance(value.op, tvm.ir.Op) or value.op.name != "relax.dequantize":
         return None
-    data, scale, zero = value.args[0], _const(value.args[1]), _const(value.args[2])
-    if _dtype(data) not in ("uint8", "int8") or scale is None or zero is None or scale.size != 1 or zero.size != 1:
+    data, scale, zero_expr = value.args[0], _const(value.args[1]), value.args[2]
+    zero = _const(zero_expr)
+    if _dtype(data) not in ("uint8", "int8") or scale is None or scale.size != 1:
         return None
-    return data, float(scale.reshape(())), int(zero.reshape(()))
+    if zero is None:
+        dynamic = _dtype(zero_expr) == _dtype(data) and len(zero_expr.ty.shape) == 0
+        return (data, float(scale.reshape(())), zero_expr) if dynamic else None
+    return (data, float(scale.reshape(())), int(zero.reshape(()))) if zero.size == 1 else None
+
+
+def _dynamic_zero_point_reason(layer: Layer) -> str:
+    """Why a layer whose input zero point is computed at run time stays float ("" when it need not):
+    a padded conv's correction depends on the output position, computed for fixed spatial dims."""
+    if layer.op_type != "Conv" or not any(int(p) for p in layer.call.attrs.padding):
+        return ""
+    data_layout = str(layer.call.attrs.data_layout)
+    dims = [layer.call.args[0].ty.shape[data_layout.index(axis)] for axis in "HW"]
+    return "" if all(isinstance(_int_or_none(d), int) for d in dims) else "padded conv with a run-time zero point and dynamic spatial dims"
+
+
+def _int_or_none(dim: Any) -> int | None:
+    try:
+        return int(dim)
+    except (TypeError, ValueError):
+        return None
 
 
 # The largest weight code of symmetric int8 schemes: full range, and onnxruntime's reduce_range (7 bits).
 GRID_LEVELS = (127, 63, 64)
+FLOAT_EXACT = 1 << 24  # float32 holds every integer up to this
+OWN_CODES = 0  # `levels` of a weight whose values are int8 codes themselves (ConvInteger's): scale 1
 
 
 def _int8_grid(weight: np.ndarray, axis: int) -> int | None:
     """The `levels` for which weight == q * s exactly (int8 q, a scale per channel along `axis`), if any."""
+    if np.all(weight == np.rint(weight)) and weight.min(initial=0) >= -128 and weight.max(initial=0) <= 127:
+        return OWN_CODES
     shape = [1] * weight.ndim
     shape[axis] = -1
     for levels in GRID_LEVELS:
@@ -525,7 +559,9 @@ def _gptq(mod: Any, layers: list[Layer], ctx: CompileContext, group: int, symmet
 
 def quantize_per_channel(weight: np.ndarray, axis: int, levels: int = 127) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 along `axis` (the output channel), the largest magnitude at +-`levels`:
-    (int8 values, float32 scale per channel)."""
+    (int8 values, float32 scale per channel). OWN_CODES: the weight's own integers, scale 1."""
+    if levels == OWN_CODES:
+        return weight.astype(np.int8), np.ones(weight.shape[axis], np.float32)
     reduce_axes = tuple(i for i in range(weight.ndim) if i != axis)
     peak = np.max(np.abs(weight.astype(np.float64)), axis=reduce_axes)
     scale = np.where(peak > 0, peak / levels, 1.0)
@@ -682,6 +718,32 @@ def _nibble(byte: Any, index: Any) -> Any:
 
     value = tirx.if_then_else(index % 2 == 0, byte & tirx.const(15, "uint8"), byte >> tirx.const(4, "uint8"))
     return value.astype("float32")
+
+
+def _acc_bound(wq: np.ndarray, out_axis: int, layer: Layer) -> int:
+    """The largest |accumulator| of 8-bit inputs (|code| <= 255) times these weight codes (twice
+    that with a run-time zero point's correction already subtracted)."""
+    magnitudes = np.abs(wq.astype(np.int64)).sum(axis=tuple(i for i in range(wq.ndim) if i != out_axis))
+    return 255 * int(magnitudes.max(initial=0)) * (1 if layer.dynamic_zero_point is None else 2)
+
+
+def _window_sums(wq: np.ndarray, call: Any, padding: list[int]) -> np.ndarray:
+    """Per output channel and position, the sum of the weights that fall inside the (unpadded)
+    input: what a conv of all-ones input with zero padding gives. Shaped like the conv's output
+    without its batch axis (a leading 1)."""
+    attrs = call.attrs
+    data_layout, kernel_layout = str(attrs.data_layout), str(attrs.kernel_layout)
+    weight = np.transpose(wq.astype(np.int64), [kernel_layout.index(axis) for axis in "OIHW"]).sum(axis=1)  # [O, KH, KW]
+    inside = []
+    for axis, (before, _after) in zip("HW", ((padding[0], padding[2]), (padding[1], padding[3]))):
+        size = int(call.args[0].ty.shape[data_layout.index(axis)])
+        stride, dilation = int(attrs.strides["HW".index(axis)]), int(attrs.dilation["HW".index(axis)])
+        out_size = int(call.ty.shape[str(attrs.out_layout).index(axis)])
+        position = (np.arange(out_size)[:, None] * stride - before + np.arange(weight.shape[1 + "HW".index(axis)])[None, :] * dilation)
+        inside.append(((position >= 0) & (position < size)).astype(np.int64))  # [out, k]
+    sums = np.einsum("okl,hk,wl->ohw", weight, inside[0], inside[1])  # [O, OH, OW]
+    order = [axis for axis in data_layout if axis != "N"]
+    return np.transpose(sums, ["CHW".index(axis) for axis in order])[None]
 
 
 def _dequantize(values: Any, scales: Any) -> Any:
@@ -843,18 +905,22 @@ class _Rewriter:
         self.requantized += expr is not None
         return expr
 
-    def dequantize(self, acc: Any, rescale: np.ndarray, correction: np.ndarray, reduction: int, mutator: Any) -> Any:
+    def dequantize(self, acc: Any, rescale: np.ndarray, correction: np.ndarray, acc_bound: int, mutator: Any) -> Any:
         """float(acc - correction) * rescale, computed as float(acc) * rescale + offset with the
         per-channel offset -correction * rescale, so that the float bias add which usually follows
         takes the offset into its own constant (`fold_offset`) and the correction costs no bytes;
-        with integer requantize on, the correction goes into the requantize's int32 bias instead
-        (`reduction`: products summed per output, which bounds the accumulator)."""
+        with integer requantize on, the correction goes into the requantize's int32 bias instead.
+        Only where float(acc) is exact (`acc_bound`, the largest |acc|, under 2^24); otherwise
+        the correction is subtracted in int32 first."""
         from tvm import relax
 
         op = relax.op
+        if correction.any() and acc_bound >= FLOAT_EXACT:
+            acc, correction = op.subtract(acc, relax.const(correction.astype(np.int32))), np.zeros_like(correction)
+            acc_bound *= 2
         acc_var = mutator.builder_.emit(acc)
         dequantized = mutator.builder_.emit(_dequantize(acc_var, relax.const(rescale)))
-        record = Dequantized(acc_var, 255 * 127 * reduction, rescale, correction.astype(np.int32))
+        record = Dequantized(acc_var, acc_bound, rescale, correction.astype(np.int32))
         self.dequantized[id_of(dequantized)] = record
         if not correction.any():
             return dequantized
@@ -925,7 +991,10 @@ class _Rewriter:
         channel_shape = [-1 if axis == "C" else 1 for axis in data_layout]  # one value per output channel
         sums = wq.astype(np.int64).sum(axis=tuple(i for i in range(wq.ndim) if i != out_axis))
         rescale = (np.float64(layer.scale) * w_scale).astype(np.float32).reshape(channel_shape)
-        return self.dequantize(acc, rescale, layer.zero_point * sums.reshape(channel_shape), wq.size // wq.shape[out_axis], mutator)
+        if layer.dynamic_zero_point is not None:  # zero padding, then zero point x the weights inside each window
+            window_sums = _window_sums(wq, layer.call, padding) if any(padding) else sums.reshape(channel_shape)
+            acc = op.subtract(acc, op.multiply(op.astype(layer.dynamic_zero_point, "int32"), relax.const(window_sums.astype(np.int32))))
+        return self.dequantize(acc, rescale, layer.zero_point * sums.reshape(channel_shape), _acc_bound(wq, out_axis, layer), mutator)
 
     def matmul_int8(self, layer: Layer, call: Any, mutator: Any) -> Any:
         from tvm import relax
@@ -933,8 +1002,11 @@ class _Rewriter:
         op = relax.op
         wq, w_scale = quantize_per_channel(_const(call.args[1]), axis=1, levels=layer.levels)
         acc = op.matmul(self.activation(mutator, call.args[0], layer), relax.const(wq), out_dtype="int32")
+        if layer.dynamic_zero_point is not None:
+            column_sums = relax.const(wq.astype(np.int64).sum(axis=0).astype(np.int32))
+            acc = op.subtract(acc, op.multiply(op.astype(layer.dynamic_zero_point, "int32"), column_sums))
         rescale = (np.float64(layer.scale) * w_scale).astype(np.float32)
-        return self.dequantize(acc, rescale, layer.zero_point * wq.astype(np.int64).sum(axis=0), wq.shape[0], mutator)
+        return self.dequantize(acc, rescale, layer.zero_point * wq.astype(np.int64).sum(axis=0), _acc_bound(wq, 1, layer), mutator)
 
     def take_int8(self, call: Any) -> Any:
         from tvm import relax

@@ -463,27 +463,51 @@ def test_dynamically_quantized_model_runs_on_8bit_integer_kernels(tmp_path: Path
 
 
 def test_dynamically_quantized_cnn_matches_onnxruntime_exactly(digits: dict, tmp_path: Path) -> None:
-    """quantize_dynamic on the digits CNN: ConvInteger x3 (an exact float Conv of its integers) and
-    MatMulInteger x2 (8-bit kernels), each fed by a DynamicQuantizeLinear: onnxruntime's logits exactly."""
+    """quantize_dynamic on the digits CNN: ConvInteger x3 and MatMulInteger x2 (8-bit kernels), each
+    fed by a DynamicQuantizeLinear: onnxruntime's logits exactly."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     dynamic = tmp_path / "digits_dynamic.onnx"
     quantize_dynamic(str(digits["model"]), str(dynamic), weight_type=QuantType.QInt8, op_types_to_quantize=["Conv", "MatMul", "Gemm"])
     art = api.compile(dynamic, "host", tmp_path / "dyn.host", progress=False)
     assert art.manifest["import"]["qoperators_expanded"] == 3 and art.manifest["quantization"]["integer_matmuls"] == 2
+    # the convs too run on the int8 kernel, with DynamicQuantizeLinear's run-time zero point
+    assert art.manifest["quantization"]["layers_by_mode"] == {"int8": 5}
     feed = {"image": digits["x_test"]}
     np.testing.assert_array_equal(art.run(feed)["logits"], ort.InferenceSession(str(dynamic)).run(None, feed)[0])
 
 
-def test_conv_integer_with_a_long_reduction_is_refused(tmp_path: Path) -> None:
-    weight = numpy_helper.from_array(np.ones((4, 64, 3, 3), np.int8), "w")  # 576 products per output: float32 would round
-    node = helper.make_node("ConvInteger", ["x", "w"], ["y"], name="wide_conv")
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 64, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.INT32, [1, 4, 6, 6])], [weight])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)]), tmp_path / "wide.onnx")
-    result = run_socc("compile", tmp_path / "wide.onnx", "-o", tmp_path / "out", "-q")
+def _conv_integer_model(path: Path, weight: np.ndarray, x_zero_point: int, pads: list[int]) -> Path:
+    """ConvInteger -> Cast to float -> x 0.5, as quantize_dynamic writes a conv."""
+    inits = [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(np.array(x_zero_point, np.uint8), "x_zero"),
+             numpy_helper.from_array(np.array(0.5, np.float32), "scale")]
+    nodes = [helper.make_node("ConvInteger", ["x", "w", "x_zero"], ["acc"], name="wide_conv", pads=pads),
+             helper.make_node("Cast", ["acc"], ["acc_float"], to=TensorProto.FLOAT), helper.make_node("Mul", ["acc_float", "scale"], ["y"])]
+    out_shape = [1, weight.shape[0], 6 + pads[0] * 2, 6 + pads[1] * 2]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, weight.shape[1], 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)]), path)
+    return path
+
+
+def test_conv_integer_runs_on_the_int8_kernel_exactly(tmp_path: Path) -> None:
+    """1152 products per output, sums past float32's exact integers, an input zero point and padding:
+    the int8 conv with the zero point's correction per window gives onnxruntime's int32 exactly."""
+    weight = np.random.default_rng(0).integers(64, 128, (4, 128, 3, 3)).astype(np.int8)
+    model = _conv_integer_model(tmp_path / "wide.onnx", weight, x_zero_point=3, pads=[1, 1, 1, 1])
+    art = api.compile(model, "host", tmp_path / "out", progress=False)
+    assert art.manifest["quantization"]["layers_by_mode"] == {"int8": 1}
+    x = np.random.default_rng(1).integers(128, 256, (1, 128, 8, 8)).astype(np.uint8)
+    expected = ort.InferenceSession(str(model)).run(None, {"x": x})[0]
+    assert np.abs(expected).max() > 1 << 23  # sums (twice these) float32 could not hold exactly
+    np.testing.assert_array_equal(art.run({"x": x})["y"], expected)
+
+
+def test_conv_integer_off_the_int8_range_with_a_long_reduction_is_refused(tmp_path: Path) -> None:
+    weight = np.full((4, 64, 3, 3), 200, np.uint8)  # uint8 codes without a zero point: a float conv, which would round
+    result = run_socc("compile", _conv_integer_model(tmp_path / "wide.onnx", weight, 0, [0, 0, 0, 0]), "-o", tmp_path / "out", "-q")
     assert result.code == 2 and result.stderr.strip().count("\n") == 0
-    assert "ConvInteger node 'wide_conv'" in result.stderr and "576 products" in result.stderr
+    assert "ConvInteger node 'wide_conv'" in result.stderr and "576 products per output is over 328" in result.stderr
 
 
 def test_max_accuracy_drop_keeps_the_most_sensitive_layers_in_float(digits: dict, tmp_path: Path) -> None:

@@ -7,7 +7,8 @@ QuantizeLinear(output). The `quantize` pass then finds these layers like any QDQ
 them on its integer kernels with the model's own scales (the weights lie on their int8 grid).
 MatMulNBits (4-bit blockwise) becomes a MatMul with the exactly dequantized weight, and its codes
 go to the `quantize` pass by the hash of that weight (see `expand_matmul_nbits`). ConvInteger
-(onnxruntime's quantize_dynamic) becomes an exact float Conv of its integers (`_expand_conv_integer`).
+(onnxruntime's quantize_dynamic) becomes a float Conv of its integers (`_expand_conv_integer`),
+which the `quantize` pass runs on the int8 conv kernel with the run-time zero point.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from onnx import helper, numpy_helper
 from .errors import UserError
 
 QOPERATORS = ("QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger")
-# ConvInteger runs as a float Conv of exact integers: exact while every partial sum stays under
-# 2^24 (float32's integer range), i.e. for 255 x 127 x K products when K <= FLOAT_EXACT_REDUCTION.
-FLOAT_EXACT_REDUCTION = (1 << 24) // (255 * 128)
+# A ConvInteger whose int32 output is used as such, or whose shifted weight leaves the int8 range,
+# passes through float: exact while every partial sum stays under 2^24 (float32's integer range).
+FLOAT_EXACT = 1 << 24
 
 
 def expand_qoperators(model: onnx.ModelProto) -> int:
@@ -30,17 +31,39 @@ def expand_qoperators(model: onnx.ModelProto) -> int:
     if not any(node.op_type in QOPERATORS for node in graph.node):
         return 0
     constants = {t.name: t for t in graph.initializer}
+    float_casts = _sole_float_casts(graph)
     nodes: list[onnx.NodeProto] = []
     expanded = 0
     for node in graph.node:
+        if node.op_type == "Cast" and node.input[0] in float_casts:
+            continue  # its ConvInteger writes the float output itself
         if node.op_type not in QOPERATORS:
             nodes.append(node)
             continue
-        nodes += _expand(node, constants, graph)
+        nodes += _expand(node, constants, graph, float_casts.get(node.output[0]))
         expanded += 1
     del graph.node[:]
     graph.node.extend(nodes)
     return expanded
+
+
+def _sole_float_casts(graph: onnx.GraphProto) -> dict[str, str]:
+    """By ConvInteger output name: the output of the Cast to float that is its only consumer
+    (quantize_dynamic's Cast before the scale multiply), which the float Conv then writes."""
+    outputs = {o.name for o in graph.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    found = {}
+    for node in graph.node:
+        if node.op_type != "ConvInteger" or node.output[0] in outputs:
+            continue
+        users = consumers.get(node.output[0], [])
+        to = {a.name: helper.get_attribute_value(a) for a in users[0].attribute}.get("to") if len(users) == 1 else None
+        if users[0].op_type == "Cast" and to == onnx.TensorProto.FLOAT:
+            found[node.output[0]] = users[0].output[0]
+    return found
 
 
 def _value(name: str, constants: dict[str, onnx.TensorProto], node: onnx.NodeProto) -> np.ndarray:
@@ -58,9 +81,10 @@ def _dequantized(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, axis
     return ((q.astype(np.float64) - zero_value) * scale.astype(np.float64).reshape(shape)).astype(np.float32)
 
 
-def _expand(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto], graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+def _expand(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto], graph: onnx.GraphProto,
+            float_output: str | None) -> list[onnx.NodeProto]:
     if node.op_type == "ConvInteger":
-        return _expand_conv_integer(node, constants, graph)
+        return _expand_conv_integer(node, constants, graph, float_output)
     inputs = list(node.input) + [""] * (9 - len(node.input))
     prefix = (node.name or node.output[0]) + "_socc"
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -98,11 +122,14 @@ def _expand(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto], graph:
     return nodes
 
 
-def _expand_conv_integer(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto], graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+def _expand_conv_integer(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto], graph: onnx.GraphProto,
+                         float_output: str | None) -> list[onnx.NodeProto]:
     """ConvInteger(x, w, x_zero_point, w_zero_point) -> int32 (onnxruntime's quantize_dynamic writes
-    it, x from a DynamicQuantizeLinear): Cast(Conv(DequantizeLinear(x, 1, x_zero_point), w - w_zero_point), int32).
-    The weight must be a constant; a reduction longer than FLOAT_EXACT_REDUCTION is refused (float32
-    would round its sums)."""
+    it, x from a DynamicQuantizeLinear): Cast(Conv(DequantizeLinear(x, 1, x_zero_point), w - w_zero_point), int32),
+    without the Cast when the node's only consumer casts it to float (`float_output`, that Cast's
+    output). The weight must be a constant. With w - w_zero_point on the int8 range, the quantize
+    pass runs the conv on 8-bit codes in int32 (the float output then rounds exactly as a cast of
+    the int32 does); a reduction whose sums could pass FLOAT_EXACT on a float path is refused."""
     inputs = list(node.input) + [""] * (4 - len(node.input))
     prefix = (node.name or node.output[0]) + "_socc"
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -110,9 +137,11 @@ def _expand_conv_integer(node: onnx.NodeProto, constants: dict[str, onnx.TensorP
     w_zero = _value(inputs[3], constants, node).astype(np.int64) if inputs[3] else np.zeros(1, np.int64)
     shifted = weight - (w_zero.reshape(-1, 1, 1, 1) if w_zero.size > 1 else w_zero.reshape(()))
     reduction = int(np.prod(weight.shape[1:]))
-    if reduction > FLOAT_EXACT_REDUCTION:
+    on_int8 = shifted.min() >= -128 and shifted.max() <= 127
+    limit = FLOAT_EXACT // (255 * int(max(np.abs(shifted).max(), 1)))
+    if reduction > limit and not (on_int8 and float_output):
         raise UserError(f"ConvInteger node {node.name or node.output[0]!r}: reduction of {reduction} products per output is "
-                        f"over {FLOAT_EXACT_REDUCTION} (ConvInteger-10), where socc's float form of it would round")
+                        f"over {limit} (ConvInteger-10), where socc's float form of it would round")
     weight_name = f"{prefix}_weight"
     graph.initializer.append(numpy_helper.from_array(shifted.astype(np.float32), weight_name))
     scale_name = f"{prefix}_one"
@@ -120,8 +149,8 @@ def _expand_conv_integer(node: onnx.NodeProto, constants: dict[str, onnx.TensorP
     x_float, y_float = f"{prefix}_x", f"{prefix}_y"
     x_inputs = [inputs[0], scale_name] + ([inputs[2]] if inputs[2] else [])
     return [helper.make_node("DequantizeLinear", x_inputs, [x_float], name=f"{prefix}_dequantize"),
-            helper.make_node("Conv", [x_float, weight_name], [y_float], name=node.name or prefix, **attrs),
-            helper.make_node("Cast", [y_float], [node.output[0]], name=f"{prefix}_cast", to=onnx.TensorProto.INT32)]
+            helper.make_node("Conv", [x_float, weight_name], [float_output or y_float], name=node.name or prefix, **attrs),
+            *([] if float_output else [helper.make_node("Cast", [y_float], [node.output[0]], name=f"{prefix}_cast", to=onnx.TensorProto.INT32)])]
 
 
 def expand_matmul_nbits(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None, int]]:
