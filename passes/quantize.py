@@ -127,6 +127,7 @@ def _rewrite(mod: Any, layers: list[Layer], options: dict[str, Any], stats: dict
     if rewriter.integer_requantize:
         stats["requantize"] = "integer"
         stats["integer_requantized"] = rewriter.requantized
+        stats["integer_residual_adds"] = rewriter.residuals_requantized
     # CanonicalizeBindings: the integer-requantize path binds the dequantized output to the layer's
     # var through an alias (v = dequantized), which FuseOps would treat as a kernel boundary
     # (not with taps: they are aliases, which it would remove)
@@ -830,6 +831,7 @@ class _Rewriter:
         self.offsets: dict[int, tuple[Any, np.ndarray]] = {}  # shifted output var -> (dequantized var, offset)
         self.model_biases: dict[int, np.ndarray] = {}  # by offset + bias constant: that bias
         self.requantized = 0
+        self.residuals_requantized = 0
         # `tap_layers` (per-layer verify): every layer's output keeps a var of its own and its offset stays unfolded
         self.tap_layers = bool(options.get("tap_layers"))
         self.taps: dict[str, str] = {}  # layer name -> its output var's name
@@ -896,13 +898,25 @@ class _Rewriter:
         """x quantized for `layer` in integer arithmetic from the accumulator of the int8 layer that
         made it, when x is that layer's dequantized output plus a constant bias, through a ReLU or
         clip; None otherwise (the float quantize is used)."""
-        from .requantize import integer_requantize, trace_epilogue
+        from .requantize import Skip, integer_requantize, integer_residual_requantize, trace_epilogue, trace_residual
 
         found = trace_epilogue(mutator, x, self.dequantized, self.model_biases)
-        if found is None:
+        if found is not None:
+            expr = integer_requantize(mutator, found, layer.scale, layer.zero_point, self.act_dtype)
+            self.requantized += expr is not None
+            return expr
+
+        def quantized(skip: Any) -> Skip | None:  # skip as some layer's quantize already made it
+            for (tensor, scale, zero_point), codes in mutator.quantized.items():
+                if tensor == id_of(skip):
+                    return Skip(codes, scale, zero_point)
             return None
-        expr = integer_requantize(mutator, found, layer.scale, layer.zero_point, self.act_dtype)
-        self.requantized += expr is not None
+
+        residual = trace_residual(mutator, x, self.dequantized, self.model_biases, quantized)
+        if residual is None:
+            return None
+        expr = integer_residual_requantize(mutator, *residual, layer.scale, layer.zero_point, self.act_dtype)
+        self.residuals_requantized += expr is not None
         return expr
 
     def dequantize(self, acc: Any, rescale: np.ndarray, correction: np.ndarray, acc_bound: int, mutator: Any) -> Any:

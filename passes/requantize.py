@@ -15,6 +15,19 @@ instead of subtracted from the accumulator), M[c] = round(r[c] / s * 2^S) under 
 fixed by the largest multiplier) and the activation folded into the clip bounds (a ReLU clips at
 z, clip(a, b) at z + round(a / s) and z + round(b / s)). acc + B stays int32 and the product is a
 32 x 32 -> 64-bit multiply whose high half LLVM finds (HVX: vmpye/vmpyo).
+
+A residual add of such a layer's output (bias included, no activation of its own) and a tensor
+already quantized for another layer (q', s', z': a block's input, which its first conv takes) is
+requantized in integer too, as quantized runtimes add (TFLite, QNN): both terms go to the output
+scale with F fractional bits (RESIDUAL_FRACTION_BITS at most), each by its own multiply-high,
+
+    t = ((acc + B[c]) * M[c]) >> S,  t' = (((q' - z') << L) * M') >> S',
+    q = clip(((t + t' + 2^(F-1)) >> F) + z, lo', hi')
+
+(M[c] / 2^S = r[c] / s * 2^F, M' / 2^S' = s' / s * 2^(F-L), L = SKIP_LEFT_SHIFT). Every shift is at
+least 33, so each product's rounding and shift fall on its high word (HVX: a multiply-high and
+32-bit ops, no 64-bit arithmetic). The skip term takes the quantized q', not the float tensor:
+the error of its 8-bit rounding is added, as in those runtimes.
 """
 
 from __future__ import annotations
@@ -67,14 +80,7 @@ def trace_epilogue(mutator: Any, x: Any, dequantized: dict[int, Dequantized], mo
     from tvm import relax
     from tvm.ir.expr import Constant
 
-    low, high = -math.inf, math.inf
-    found = resolve(mutator, x)
-    for _ in range(2):  # relu, clip, or the max/min pair TVM's importer makes of a Clip with input bounds
-        bounds = _activation_bounds(found[1]) if found is not None else None
-        if bounds is None:
-            break
-        low, high = max(low, bounds[0]), min(high, bounds[1])
-        found = resolve(mutator, bounds[2])
+    found, low, high = _peel_activations(mutator, x)
     bias = bias_constant = None
     if found is not None and isinstance(found[1], relax.Call) and getattr(found[1].op, "name", "") == "relax.add":
         lhs, rhs = found[1].args
@@ -134,10 +140,81 @@ def _clamp_operands(call: Any) -> tuple[str, Any, Any] | None:
     return kind, data, bound
 
 
+@dataclasses.dataclass
+class Skip:
+    """The other operand of a residual add: a tensor already quantized for another layer."""
+
+    codes: Any  # its 8-bit var
+    scale: float
+    zero_point: int
+
+
+def _peel_activations(mutator: Any, x: Any) -> tuple[Any, float, float]:
+    """(x's binding under any relu/clip, their bounds in float)."""
+    low, high = -math.inf, math.inf
+    found = resolve(mutator, x)
+    for _ in range(2):  # relu, clip, or the max/min pair TVM's importer makes of a Clip with input bounds
+        bounds = _activation_bounds(found[1]) if found is not None else None
+        if bounds is None:
+            break
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+        found = resolve(mutator, bounds[2])
+    return found, low, high
+
+
+def trace_residual(mutator: Any, x: Any, dequantized: dict[int, Dequantized], model_biases: dict[int, np.ndarray],
+                   quantized: Any) -> tuple[Epilogue, Skip] | None:
+    """x's chain back to [relu | clip] add(an int8 layer's output with its bias, skip), where
+    `quantized(skip)` gives skip's 8-bit form (a Skip) or None. The layer's output must have no
+    activation of its own; the epilogue returned carries the bounds of the one after the add."""
+    from tvm import relax
+
+    found, low, high = _peel_activations(mutator, x)
+    if found is None or not isinstance(found[1], relax.Call) or getattr(found[1].op, "name", "") != "relax.add":
+        return None
+    lhs, rhs = found[1].args
+    for main, other in ((lhs, rhs), (rhs, lhs)):
+        if not isinstance(other, relax.Var):
+            continue
+        epilogue = trace_epilogue(mutator, main, dequantized, model_biases)
+        skip = quantized(other)
+        if epilogue is None or epilogue.low > -math.inf or epilogue.high < math.inf or skip is None:
+            continue
+        if [int(d) for d in skip.codes.ty.shape] != [int(d) for d in epilogue.source.acc.ty.shape]:
+            continue  # a broadcast add
+        epilogue.low, epilogue.high = low, high
+        return epilogue, skip
+    return None
+
+
 def fixed_point(multiplier: np.ndarray) -> tuple[np.ndarray, int]:
     """Per-channel int32 multipliers M (< 2^31) and one shift S with M / 2^S ~= multiplier (all > 0)."""
     shift = int(min(62, max(1, 30 - math.floor(math.log2(float(multiplier.max()))))))
     return np.minimum(np.rint(multiplier * 2.0 ** shift), (1 << 31) - 1).astype(np.int32), shift
+
+
+def _bias_codes(epilogue: Epilogue) -> np.ndarray | None:
+    """B = round(b / r) - C, or None when the rescale is not positive or acc + B could overflow int32."""
+    source = epilogue.source
+    rescale = source.rescale.astype(np.float64)
+    if not np.all(rescale > 0):
+        return None
+    bias_codes = np.rint(epilogue.bias.astype(np.float64) / rescale) - source.correction
+    return None if source.acc_bound + np.abs(bias_codes).max(initial=0) >= INT32_LIMIT else bias_codes
+
+
+def _clip_bounds(epilogue: Epilogue, scale: float, zero_point: int, dtype: str) -> tuple[int, int]:
+    lo, hi = (0, 255) if dtype == "uint8" else (-127, 127)
+    if epilogue.low > -math.inf:
+        lo = max(lo, zero_point + int(np.clip(np.rint(epilogue.low / scale), -INT32_LIMIT, INT32_LIMIT)))
+    if epilogue.high < math.inf:
+        hi = min(hi, zero_point + int(np.clip(np.rint(epilogue.high / scale), -INT32_LIMIT, INT32_LIMIT)))
+    return min(lo, hi), hi
+
+
+def _channel_axis(epilogue: Epilogue) -> int:
+    rescale = epilogue.source.rescale
+    return len(epilogue.source.acc.ty.shape) - rescale.ndim + int(np.argmax(rescale.shape))
 
 
 def integer_requantize(mutator: Any, epilogue: Epilogue, scale: float, zero_point: int, dtype: str) -> Any:
@@ -145,27 +222,50 @@ def integer_requantize(mutator: Any, epilogue: Epilogue, scale: float, zero_poin
     (a non-positive rescale, acc + bias that could overflow int32)."""
     from tvm import relax
 
-    source = epilogue.source
-    rescale = source.rescale.astype(np.float64)
-    if not np.all(rescale > 0):
+    bias_codes = _bias_codes(epilogue)
+    if bias_codes is None:
         return None
-    bias_codes = np.rint(epilogue.bias.astype(np.float64) / rescale) - source.correction
-    if source.acc_bound + np.abs(bias_codes).max(initial=0) >= INT32_LIMIT:
-        return None  # acc + B could overflow int32
-    multiplier, shift = fixed_point(rescale / scale)
-    lo, hi = (0, 255) if dtype == "uint8" else (-127, 127)
-    if epilogue.low > -math.inf:
-        lo = max(lo, zero_point + int(np.clip(np.rint(epilogue.low / scale), -INT32_LIMIT, INT32_LIMIT)))
-    if epilogue.high < math.inf:
-        hi = min(hi, zero_point + int(np.clip(np.rint(epilogue.high / scale), -INT32_LIMIT, INT32_LIMIT)))
-    lo, hi = min(lo, hi), hi
-    axis = len(source.acc.ty.shape) - rescale.ndim + int(np.argmax(rescale.shape))
-    return mutator.builder_.call_te(_requantize_te, source.acc, relax.const(bias_codes.astype(np.int32).reshape(-1)),
-                                    relax.const(multiplier.reshape(-1)), axis=axis, shift=shift, zero_point=zero_point,
-                                    bounds=(lo, hi), dtype=dtype, primfunc_name_hint="requantize")
+    multiplier, shift = fixed_point(epilogue.source.rescale.astype(np.float64) / scale)
+    return mutator.builder_.call_te(_requantize_te, epilogue.source.acc, relax.const(bias_codes.astype(np.int32).reshape(-1)),
+                                    relax.const(multiplier.reshape(-1)), axis=_channel_axis(epilogue), shift=shift, zero_point=zero_point,
+                                    bounds=_clip_bounds(epilogue, scale, zero_point, dtype), dtype=dtype, primfunc_name_hint="requantize")
 
 
-REQUANTIZE_STAGES = ("requantize_sum", "requantize_code")  # int32 stages that vectorize keeps as blocks of their own
+RESIDUAL_FRACTION_BITS = 8
+RESIDUAL_MIN_FRACTION_BITS = 4
+SKIP_LEFT_SHIFT = 20  # (q' - z') << 20 stays under 2^28
+HIGH_WORD_SHIFT = 33  # the least shift whose rounding constant has no bit in the low word
+
+
+def integer_residual_requantize(mutator: Any, epilogue: Epilogue, skip: Skip, scale: float, zero_point: int, dtype: str) -> Any:
+    """The residual add's integer requantize (module docstring); None when a term could overflow
+    int32, or the layer's multiplier is too large for F >= RESIDUAL_MIN_FRACTION_BITS with a
+    high-word shift."""
+    from tvm import relax
+
+    bias_codes = _bias_codes(epilogue)
+    if bias_codes is None:
+        return None
+    main_multiplier = epilogue.source.rescale.astype(np.float64) / scale
+    # fixed_point's shift for m * 2^F is 30 - floor(log2(m)) - F: at least HIGH_WORD_SHIFT
+    fraction = min(RESIDUAL_FRACTION_BITS, 30 - math.floor(math.log2(float(main_multiplier.max()))) - HIGH_WORD_SHIFT)
+    if fraction < RESIDUAL_MIN_FRACTION_BITS:
+        return None
+    multiplier, shift = fixed_point(main_multiplier * 2.0 ** fraction)
+    skip_fixed, skip_shift = fixed_point(np.array([skip.scale / scale * 2.0 ** (fraction - SKIP_LEFT_SHIFT)]))
+    main_bound = (epilogue.source.acc_bound + np.abs(bias_codes).max(initial=0)) * main_multiplier.max() * 2.0 ** fraction
+    skip_bound = 255 * skip.scale / scale * 2.0 ** fraction
+    if skip_shift < HIGH_WORD_SHIFT or main_bound + skip_bound + 2.0 ** fraction >= INT32_LIMIT / 2:
+        return None
+    return mutator.builder_.call_te(_residual_requantize_te, epilogue.source.acc, relax.const(bias_codes.astype(np.int32).reshape(-1)),
+                                    relax.const(multiplier.reshape(-1)), skip.codes, axis=_channel_axis(epilogue),
+                                    shifts=(shift, skip_shift, fraction), skip_multiplier=int(skip_fixed[0]),
+                                    zero_points=(skip.zero_point, zero_point), bounds=_clip_bounds(epilogue, scale, zero_point, dtype),
+                                    dtype=dtype, primfunc_name_hint="requantize_residual")
+
+
+# int32 stages that vectorize keeps as blocks of their own (names are prefixes)
+REQUANTIZE_STAGES = ("requantize_sum", "requantize_code", "requantize_term", "requantize_skip")
 
 
 def _requantize_te(acc: Any, bias_codes: Any, multiplier: Any, *, axis: int, shift: int, zero_point: int,
@@ -179,9 +279,39 @@ def _requantize_te(acc: Any, bias_codes: Any, multiplier: Any, *, axis: int, shi
     summed = te.compute(acc.shape, lambda *index: acc[index] + bias_codes[index[axis]], name=REQUANTIZE_STAGES[0])
 
     def code(*index: Any) -> Any:
-        wide = summed[index].astype("int64") * multiplier[index[axis]].astype("int64")
-        value = ((wide + tirx.const(1 << (shift - 1), "int64")) >> tirx.const(shift, "int64")).astype("int32")
+        value = _rounding_shift(summed[index].astype("int64") * multiplier[index[axis]].astype("int64"), shift)
         return tirx.max(tirx.min(value + zero_point, bounds[1]), bounds[0])
 
     codes = te.compute(acc.shape, code, name=REQUANTIZE_STAGES[1])
+    return te.compute(acc.shape, lambda *index: codes[index].astype(dtype), name="requantize_cast")
+
+
+def _rounding_shift(value: Any, shift: int) -> Any:
+    """(int64 value + 2^(shift-1)) >> shift, as int32."""
+    from tvm import tirx
+
+    return ((value + tirx.const(1 << (shift - 1), "int64")) >> tirx.const(shift, "int64")).astype("int32")
+
+
+def _residual_requantize_te(acc: Any, bias_codes: Any, multiplier: Any, skip: Any, *, axis: int, shifts: tuple[int, int, int],
+                            skip_multiplier: int, zero_points: tuple[int, int], bounds: tuple[int, int], dtype: str) -> Any:
+    """Stages as in _requantize_te, each product a multiply-high of its own stage (in one expression
+    TVM would fold the zero point into a 64-bit constant): acc + B and its term, (q' - z') << L and
+    its term, their rounded sum's clipped code, the cast."""
+    from tvm import te, tirx
+
+    main_shift, skip_shift, fraction = shifts
+    skip_zero, zero_point = zero_points
+    summed = te.compute(acc.shape, lambda *index: acc[index] + bias_codes[index[axis]], name="requantize_sum")
+    main = te.compute(acc.shape, lambda *index: _rounding_shift(
+        summed[index].astype("int64") * multiplier[index[axis]].astype("int64"), main_shift), name="requantize_term")
+    shifted = te.compute(acc.shape, lambda *index: (skip[index].astype("int32") - skip_zero) << SKIP_LEFT_SHIFT, name="requantize_skip")
+    other = te.compute(acc.shape, lambda *index: _rounding_shift(
+        shifted[index].astype("int64") * tirx.const(skip_multiplier, "int64"), skip_shift), name="requantize_skip_term")
+
+    def code(*index: Any) -> Any:
+        value = (main[index] + other[index] + (1 << (fraction - 1))) >> fraction
+        return tirx.max(tirx.min(value + zero_point, bounds[1]), bounds[0])
+
+    codes = te.compute(acc.shape, code, name="requantize_code")
     return te.compute(acc.shape, lambda *index: codes[index].astype(dtype), name="requantize_cast")

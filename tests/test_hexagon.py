@@ -22,20 +22,26 @@ STATIC = {"image": [1, 1, 8, 8]}
 
 
 def _mlp_block(path: Path) -> Path:
-    """x[1,64] -> MatMul(64x128) + bias -> Relu -> MatMul(128x32) + bias: an MLP block, real trained-like scale."""
+    """x[1,64] -> MatMul(64x128) + bias -> Relu -> MatMul(128x64) + bias -> + x (residual) ->
+    MatMul(64x32) + bias: a transformer's MLP block and a head, real trained-like scale."""
     rng = np.random.default_rng(3)
     inits = [
         numpy_helper.from_array((rng.standard_normal((64, 128)) / 8).astype(np.float32), "W1"),
         numpy_helper.from_array((rng.standard_normal(128) / 10).astype(np.float32), "B1"),
-        numpy_helper.from_array((rng.standard_normal((128, 32)) / 11).astype(np.float32), "W2"),
-        numpy_helper.from_array((rng.standard_normal(32) / 10).astype(np.float32), "B2"),
+        numpy_helper.from_array((rng.standard_normal((128, 64)) / 11).astype(np.float32), "W2"),
+        numpy_helper.from_array((rng.standard_normal(64) / 10).astype(np.float32), "B2"),
+        numpy_helper.from_array((rng.standard_normal((64, 32)) / 8).astype(np.float32), "W3"),
+        numpy_helper.from_array((rng.standard_normal(32) / 10).astype(np.float32), "B3"),
     ]
     nodes = [
         helper.make_node("MatMul", ["x", "W1"], ["h"], name="fc1"),
         helper.make_node("Add", ["h", "B1"], ["hb"], name="fc1_bias"),
         helper.make_node("Relu", ["hb"], ["a"], name="act"),
         helper.make_node("MatMul", ["a", "W2"], ["o"], name="fc2"),
-        helper.make_node("Add", ["o", "B2"], ["y"], name="fc2_bias"),
+        helper.make_node("Add", ["o", "B2"], ["ob"], name="fc2_bias"),
+        helper.make_node("Add", ["ob", "x"], ["r"], name="residual"),
+        helper.make_node("MatMul", ["r", "W3"], ["p"], name="head"),
+        helper.make_node("Add", ["p", "B3"], ["y"], name="head_bias"),
     ]
     graph = helper.make_graph(nodes, "mlp_block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])], inits)
@@ -85,13 +91,20 @@ def test_int8_mlp_block_under_qemu_hexagon_is_bit_identical_to_host(tmp_path: Pa
     built = {t: api.compile(model, t, tmp_path / f"mlp.{t}", quantize="int8", calibration=calibration, progress=False,
                             requantize="integer" if t == "host" else None)  # hexagon's profile default
              for t in ("host", "hexagon-v73")}
-    assert built["hexagon-v73"].manifest["quantization"]["integer_requantized"] == 1  # fc1 -> relu -> fc2's input
+    float_requantize = api.compile(model, "host", tmp_path / "mlp.float", quantize="int8", calibration=calibration, progress=False)
+    quant = built["hexagon-v73"].manifest["quantization"]
+    assert quant["integer_requantized"] == 1  # fc1 -> relu -> fc2's input
+    assert quant["integer_residual_adds"] == 1  # fc2 + x -> the head's input, x as fc1's input codes
+    reference = ort.InferenceSession(str(model))
     for _ in range(6):
         x = {"x": rng.standard_normal((1, 64)).astype(np.float32)}
         np.testing.assert_array_equal(built["hexagon-v73"].run(x)["y"], built["host"].run(x)["y"])
+        expected = reference.run(None, x)[0]
+        for art in (built["host"], float_requantize):  # the integer residual add is as accurate as the float one
+            assert np.abs(art.run(x)["y"] - expected).max() <= 0.05 * np.abs(expected).max()
     code = built["hexagon-v73"].manifest["code"]["kernels"]
     matmuls = {name: k for name, k in code.items() if "matmul" in name}
-    assert len(matmuls) == 2
+    assert len(matmuls) == 3
     # both matmuls run on HVX (128 x int8 weights a load, int32 accumulators), fc1 with its integer
     # requantize (32 x int32 multiply-high) and its 8-bit cast
     assert all(k["vector_share"] >= 0.5 for k in matmuls.values()), matmuls
