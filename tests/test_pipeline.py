@@ -41,3 +41,31 @@ def test_stats_describe_the_rewrite(tmp_path: Path, tiny_mlp: Path) -> None:
     assert "fuse-kernels" not in [p["name"] for p in unfused.manifest["passes"]]
     assert unfused.manifest["options"]["skip_pass"] == ["fuse-kernels"]
     assert toolchain.verify(unfused, model=tiny_mlp).ok and toolchain.verify(artifact, model=tiny_mlp).ok
+
+
+def test_fold_constants_in_numpy_gives_tvms_module() -> None:
+    """The importer's Clip bound checks (isnan -> where on constants), a bias reshape and a weight
+    cast: folded in numpy (TVM would compile a kernel for each) to the module TVM's FoldConstant makes."""
+    import numpy as np
+    import tvm
+    from tvm import relax
+
+    from toolchain.passes.fold_constants import fold_in_numpy
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 4, 8, 8), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            low = bb.emit(relax.op.where(bb.emit(relax.op.isnan(relax.const(np.float32(0)))), relax.const(np.float32(-np.inf)),
+                                         relax.const(np.float32(0))))
+            bias = bb.emit(relax.op.reshape(relax.const(np.arange(4, dtype=np.float32)), (1, 4, 1, 1)))
+            scale = bb.emit(relax.op.astype(relax.const(np.array([3], np.int8)), "float32"))
+            y = bb.emit(relax.op.multiply(relax.op.add(x, bias), scale))
+            out = bb.emit_output(relax.op.maximum(y, low))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    folded, count = fold_in_numpy(mod)
+    assert count == 4  # isnan, where, reshape, astype
+    assert "isnan" not in folded.script() and "reshape" not in folded.script()
+    fold = relax.transform.FoldConstant()  # what the pass runs after: it inlines the constant bindings
+    tvm.ir.assert_structural_equal(fold(folded), fold(mod))
