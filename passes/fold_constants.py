@@ -20,9 +20,10 @@ _UNARY: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "isnan": np.isnan, "isinf": np.isinf, "isfinite": np.isfinite, "logical_not": np.logical_not,
     "negative": np.negative, "abs": np.abs, "sqrt": np.sqrt,
 }
+# (no maximum/minimum: TVM's select and numpy differ on NaN; divide only on floats, below)
 _BINARY: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     "add": np.add, "subtract": np.subtract, "multiply": np.multiply, "divide": np.divide,
-    "maximum": np.maximum, "minimum": np.minimum, "equal": np.equal, "not_equal": np.not_equal,
+    "equal": np.equal, "not_equal": np.not_equal,
     "less": np.less, "less_equal": np.less_equal, "greater": np.greater, "greater_equal": np.greater_equal,
     "logical_and": np.logical_and, "logical_or": np.logical_or,
 }
@@ -36,6 +37,8 @@ def _evaluate(call: Any, args: list[np.ndarray]) -> np.ndarray | None:
         if name in _UNARY and len(args) == 1:
             return _UNARY[name](args[0])
         if name in _BINARY and len(args) == 2:
+            if name == "divide" and not all(np.issubdtype(a.dtype, np.floating) for a in args):
+                return None  # integer division: Relax truncates, by zero undefined
             return _BINARY[name](args[0], args[1])
     if name == "where" and len(args) == 3:
         return np.where(args[0], args[1], args[2])

@@ -196,6 +196,8 @@ def _prequantized(mod: Any, ctx: CompileContext) -> tuple[Any, dict[str, Any]]:
             reason = "weight is not on a symmetric int8 per-channel grid"
         if not reason and not isinstance(source[2], int):
             reason = _dynamic_zero_point_reason(layer)
+        if reason and source is not None and layer.op_type == "Conv":
+            _refuse_inexact_integer_conv(layer, source[1], reason)
         if reason:
             layer.mode, layer.reason = "float", reason
         else:
@@ -331,6 +333,18 @@ def _dynamic_zero_point_reason(layer: Layer) -> str:
     data_layout = str(layer.call.attrs.data_layout)
     dims = [layer.call.args[0].ty.shape[data_layout.index(axis)] for axis in "HW"]
     return "" if all(isinstance(_int_or_none(d), int) for d in dims) else "padded conv with a run-time zero point and dynamic spatial dims"
+
+
+def _refuse_inexact_integer_conv(layer: Layer, input_scale: float, reason: str) -> None:
+    """A conv of integers (ConvInteger's expansion: input scale 1, integer weight codes) left in
+    float must keep every sum under 2^24, or its float32 sums would round: refused, naming it."""
+    weight = _const(layer.call.args[1])
+    if input_scale != 1.0 or weight is None or not np.all(weight == np.rint(weight)):
+        return
+    bound = _acc_bound(weight, _weight_out_axis(layer), layer)
+    if bound >= FLOAT_EXACT:
+        raise PassInputError(f"ConvInteger node {layer.name!r}: sums up to {bound} stay in float ({reason}), "
+                             f"over 2^24, where float32 would round them")
 
 
 def _int_or_none(dim: Any) -> int | None:
@@ -970,8 +984,8 @@ class _Rewriter:
             return None
         dequantized, offset = self.offsets[id_of(found[0])]
         bias = rhs.value.numpy()
-        if bias.dtype != np.float32 or bias.size not in (1, offset.size):
-            return None
+        if bias.dtype != np.float32 or bias.size not in (1, offset.size) or bias.ndim > offset.ndim:
+            return None  # (a size-1 bias of more dims would broadcast the output to more dims)
         if bias.size > 1 and np.broadcast_shapes(bias.shape, offset.shape) != offset.shape:
             return None  # not along the offset's channel axis
         bias = np.broadcast_to(bias.reshape(offset.shape if bias.size > 1 else ()), offset.shape).copy()

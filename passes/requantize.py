@@ -180,8 +180,8 @@ def trace_residual(mutator: Any, x: Any, dequantized: dict[int, Dequantized], mo
         skip = quantized(other)
         if epilogue is None or epilogue.low > -math.inf or epilogue.high < math.inf or skip is None:
             continue
-        if [int(d) for d in skip.codes.ty.shape] != [int(d) for d in epilogue.source.acc.ty.shape]:
-            continue  # a broadcast add
+        if [str(d) for d in skip.codes.ty.shape] != [str(d) for d in epilogue.source.acc.ty.shape]:
+            continue  # a broadcast add (dims compared as printed: a symbolic one has no int)
         epilogue.low, epilogue.high = low, high
         return epilogue, skip
     return None

@@ -91,7 +91,7 @@ def per_layer_errors(artifact: Artifact, source: Path, feed: Mapping[str, np.nda
             continue
         float_var = float_vars.get(layer.call.__hash__())
         quant_var = quant_vars.get(taps.get(layer.name, ""))
-        if quant_var is not None:
+        if float_var is not None and quant_var is not None:
             pairs.append((layer, float_var, quant_var))
     if not pairs:
         return []

@@ -60,8 +60,9 @@ def _sole_float_casts(graph: onnx.GraphProto) -> dict[str, str]:
         if node.op_type != "ConvInteger" or node.output[0] in outputs:
             continue
         users = consumers.get(node.output[0], [])
-        to = {a.name: helper.get_attribute_value(a) for a in users[0].attribute}.get("to") if len(users) == 1 else None
-        if users[0].op_type == "Cast" and to == onnx.TensorProto.FLOAT:
+        if len(users) != 1 or users[0].op_type != "Cast":
+            continue
+        if {a.name: helper.get_attribute_value(a) for a in users[0].attribute}.get("to") == onnx.TensorProto.FLOAT:
             found[node.output[0]] = users[0].output[0]
     return found
 
@@ -139,7 +140,9 @@ def _expand_conv_integer(node: onnx.NodeProto, constants: dict[str, onnx.TensorP
     reduction = int(np.prod(weight.shape[1:]))
     on_int8 = shifted.min() >= -128 and shifted.max() <= 127
     limit = FLOAT_EXACT // (255 * int(max(np.abs(shifted).max(), 1)))
-    if reduction > limit and not (on_int8 and float_output):
+    # the quantize pass takes 2-D convs only (and refuses the ones it must leave float, see
+    # quantize._exact_integer_reason); a 1-D or 3-D one stays a float conv
+    if reduction > limit and not (on_int8 and float_output and weight.ndim == 4):
         raise UserError(f"ConvInteger node {node.name or node.output[0]!r}: reduction of {reduction} products per output is "
                         f"over {limit} (ConvInteger-10), where socc's float form of it would round")
     weight_name = f"{prefix}_weight"
