@@ -311,18 +311,24 @@ def _dequantized_input(layer: Layer, bound: Any) -> tuple[Any, float, Any] | Non
     a constant scale. The zero point is an int, or a scalar 8-bit var when it is computed at run
     time (DynamicQuantizeLinear's, as onnxruntime's quantize_dynamic feeds ConvInteger)."""
     import tvm
+    from tvm import relax
 
     value = bound.get(layer.call.args[0])
+    permute = None  # convert-layout's transpose between the dequantize and an NHWC conv
+    if value is not None and getattr(value.op, "name", "") == "relax.permute_dims":
+        permute, value = value, bound.get(value.args[0])
     if value is None or not isinstance(value.op, tvm.ir.Op) or value.op.name != "relax.dequantize":
         return None
-    data, scale, zero_expr = value.args[0], _const(value.args[1]), value.args[2]
+    codes, scale, zero_expr = value.args[0], _const(value.args[1]), value.args[2]
     zero = _const(zero_expr)
-    if _dtype(data) not in ("uint8", "int8") or scale is None or scale.size != 1:
+    if _dtype(codes) not in ("uint8", "int8") or scale is None or scale.size != 1:
         return None
+    if permute is not None:  # per tensor, so the transpose commutes with the dequantize: it moves to the codes
+        codes = relax.Call(permute.op, [codes], permute.attrs)
     if zero is None:
-        dynamic = _dtype(zero_expr) == _dtype(data) and len(zero_expr.ty.shape) == 0
-        return (data, float(scale.reshape(())), zero_expr) if dynamic else None
-    return (data, float(scale.reshape(())), int(zero.reshape(()))) if zero.size == 1 else None
+        dynamic = _dtype(zero_expr) == _dtype(value.args[0]) and len(zero_expr.ty.shape) == 0
+        return (codes, float(scale.reshape(())), zero_expr) if dynamic else None
+    return (codes, float(scale.reshape(())), int(zero.reshape(()))) if zero.size == 1 else None
 
 
 def _dynamic_zero_point_reason(layer: Layer) -> str:
