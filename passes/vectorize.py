@@ -6,6 +6,7 @@ from typing import Any
 
 from .apply_tuning import is_scheduled
 from .base import CompileContext, GraphPass
+from .gemm import Relayout, match, schedule_gemm
 from .requantize import REQUANTIZE_STAGES
 
 
@@ -33,7 +34,7 @@ def _is_reduction(block: Any) -> bool:
     return any(iv.iter_type == tirx.IterVar.CommReduce for iv in block.iter_vars)
 
 
-def _inline_elementwise(sch: Any) -> int:
+def _inline_elementwise(sch: Any, keep: set[str] = frozenset()) -> int:
     """Inlines every block that only feeds others (padding, casts, the requantize chain) into its consumers.
 
     A float multiply stays a block of its own: inlined into an add, `a * b + c` would become one
@@ -47,7 +48,7 @@ def _inline_elementwise(sch: Any) -> int:
         outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(root)}
         for block_rv in sch.get_child_blocks(root):
             block = sch.get(block_rv)
-            if _is_reduction(block) or block.name_hint in outputs or _is_float_multiply(block) or _kept_stage(block):
+            if _is_reduction(block) or block.name_hint in outputs or block.name_hint in keep or _is_float_multiply(block) or _kept_stage(block):
                 continue
             try:
                 sch.compute_inline(block_rv)
@@ -229,10 +230,10 @@ def _parallel_outer(sch: Any, outer: list[Any], work: int) -> bool:
     return True
 
 
-WEIGHT_TO_CHANNELS_LAST = (1, 2, 3, 0)  # [f, c, kh, kw] -> [c, kh, kw, f]
+WEIGHT_TO_CHANNELS_LAST = Relayout(permutation=(1, 2, 3, 0))  # [f, c, kh, kw] -> [c, kh, kw, f]
 
 
-def _vectorize_channels(sch: Any, block_rv: Any, lanes: int, smallest: int, constant_params: frozenset[int], relayout: dict[int, tuple[int, ...]],
+def _vectorize_channels(sch: Any, block_rv: Any, lanes: int, smallest: int, constant_params: frozenset[int], relayout: dict[int, Relayout],
                         parallel_work: int = 0, stats: dict[str, int] | None = None) -> bool:
     """A conv2d (NCHW) on a small image: vectors over the output channels instead of the image row.
 
@@ -302,7 +303,7 @@ PARALLEL_MIN_WORK = 1 << 16
 
 
 def schedule_kernel(func: Any, vector_bits: int, vector_float: bool, constant_params: frozenset[int] = frozenset(),
-                    parallel: bool = False) -> tuple[Any, dict[str, int], dict[int, tuple[int, ...]]]:
+                    parallel: bool = False, features: frozenset[str] = frozenset()) -> tuple[Any, dict[str, int], dict[int, Relayout]]:
     """The kernel with elementwise producers inlined and its innermost contiguous loops vectorized;
     with `parallel` (a runtime with a thread pool), each large reduction's outer spatial loops fused
     into one parallel loop.
@@ -312,12 +313,17 @@ def schedule_kernel(func: Any, vector_bits: int, vector_float: bool, constant_pa
     from tvm import s_tir, tirx
 
     stats = {"inlined": 0, "vectorized_loops": 0, "scalar_float_blocks": 0, "gathers_left_scalar": 0, "rows_left_scalar": 0,
-             "fused_row_blocks": 0, "parallel_loops": 0}
-    relayout: dict[int, tuple[int, ...]] = {}
+             "fused_row_blocks": 0, "parallel_loops": 0, "gemm_kernels": 0, "dot_product_kernels": 0}
+    relayout: dict[int, Relayout] = {}
     sch = s_tir.Schedule(func)
-    stats["inlined"] = _inline_elementwise(sch)
+    # Hexagon (no float vectors) keeps the schedule below: HVX wants whole 128-byte int8 vectors
+    gemms = _gemm_blocks(sch, constant_params) if vector_float else []
+    stats["inlined"] = _inline_elementwise(sch, keep=_operand_producers(sch, gemms))
+    sch, tiled = _tile_gemms(sch, gemms, vector_bits, constant_params, parallel, features, stats, relayout)
     for block_rv in sch.get_child_blocks(sch.get_sblock("root")):
         block = sch.get(block_rv)
+        if block.name_hint in tiled:
+            continue
         if not vector_float and _has_float_math(block):
             stats["scalar_float_blocks"] += 1
             continue
@@ -379,6 +385,43 @@ def schedule_kernel(func: Any, vector_bits: int, vector_float: bool, constant_pa
     return sch.mod["main"], stats, relayout
 
 
+def _gemm_blocks(sch: Any, constant_params: frozenset[int]) -> list[str]:
+    """The names of the kernel's matmul-shaped reductions (gemm.py), when the target has CPU vectors."""
+    return [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))
+            if _is_reduction(sch.get(b)) and match(sch, b, constant_params) is not None]
+
+
+def _operand_producers(sch: Any, names: list[str]) -> set[str]:
+    """The blocks that write the matmuls' operands (an attention's head transposes): kept as copies,
+    so each matmul reads plain [.., m, k] and [.., k, n] tensors, not gathers through the transposes."""
+    return {sch.get(p).name_hint for name in names for p in sch.get_producers(sch.get_sblock(name))}
+
+
+def _tile_gemms(sch: Any, names: list[str], vector_bits: int, constant_params: frozenset[int], parallel: bool, features: frozenset[str],
+                stats: dict[str, int], relayout: dict[int, Relayout]) -> tuple[Any, set[str]]:
+    """Each matmul of the kernel in register tiles with its elementwise epilogue (gemm.py). Returns
+    the schedule and the names of the blocks it scheduled; a matmul the tiles do not fit is left
+    to the generic schedule."""
+    done: set[str] = set()
+    for name in names:
+        block_rv = sch.get_sblock(name)
+        if match(sch, block_rv, constant_params) is None:
+            continue
+        trial = sch.copy()
+        try:
+            gemm_stats, gemm_relayout, scheduled = schedule_gemm(trial, trial.get_sblock(name), match(trial, trial.get_sblock(name), constant_params),
+                                                      max(vector_bits // 32, 1), features, parallel, PARALLEL_MIN_WORK)
+        except Exception:  # noqa: BLE001 - a shape the tiles do not fit: the generic schedule
+            continue
+        sch = trial
+        for key, value in gemm_stats.items():
+            stats[key] = stats.get(key, 0) + value
+        stats["vectorized_loops"] += 1
+        relayout.update(gemm_relayout)
+        done |= scheduled
+    return sch, done
+
+
 class Vectorize(GraphPass):
     """For targets with a vector unit (`vector_bits` in the profile), schedules every TIR kernel: inlines elementwise producers (padding, casts, the requantize chain; never a float multiply; the integer requantize's int32 stages stay blocks) into their consumers; vectorizes each reduction's innermost contiguous spatial loop by whole vectors of its narrowest operand (HVX: 128 x int8) down to half an accumulator vector, or a conv's output channels when its rows are strided or no width divides them (weights relaid channels-last at compile time); vectorizes an elementwise block's innermost loop when a width divides it and no access would be a gather, else its fused (pixel, channel) loops when every access stays a run or a per-channel vector. Blocks with float math stay scalar where the target vectorizes no float (Hexagon under qemu)."""
 
@@ -388,12 +431,12 @@ class Vectorize(GraphPass):
         from tvm import tirx
 
         totals = {"vector_bits": ctx.vector_bits, "parallel": ctx.parallel, "parallel_loops": 0, "kernels": 0, "kernels_vectorized": 0, "vectorized_loops": 0, "inlined": 0, "scalar_float_blocks": 0,
-                  "gathers_left_scalar": 0, "rows_left_scalar": 0, "fused_row_blocks": 0, "failed": 0}
+                  "gathers_left_scalar": 0, "gemm_kernels": 0, "dot_product_kernels": 0, "rows_left_scalar": 0, "fused_row_blocks": 0, "failed": 0}
         if ctx.vector_bits <= 0:
             return mod, {**totals, "skipped": "the target profile gives no vector width"}
         result = mod.clone()
         constants = _constant_params(mod)
-        relayouts: dict[Any, dict[int, tuple[int, ...]]] = {}
+        relayouts: dict[Any, dict[int, Relayout]] = {}
         for gvar, func in mod.functions.items():
             if not isinstance(func, tirx.PrimFunc):
                 continue
@@ -403,7 +446,7 @@ class Vectorize(GraphPass):
                 continue
             try:
                 scheduled, stats, relayout = schedule_kernel(func, ctx.vector_bits, ctx.vector_float, constants.get(gvar, frozenset()),
-                                                             parallel=ctx.parallel)
+                                                             parallel=ctx.parallel, features=frozenset(ctx.features))
             except Exception:  # noqa: BLE001 - a kernel the schedule cannot handle keeps TVM's default
                 totals["failed"] += 1
                 continue
@@ -425,12 +468,12 @@ def default_schedule(mod: Any, name: str, ctx: CompileContext) -> Any:
         return func
     try:
         return schedule_kernel(func, ctx.vector_bits, ctx.vector_float, _constant_params(mod).get(mod.get_global_var(name), frozenset()),
-                               parallel=ctx.parallel)[0]
+                               parallel=ctx.parallel, features=frozenset(ctx.features))[0]
     except Exception:  # noqa: BLE001 - as in the pass: the kernel keeps TVM's default
         return func
 
 
-def _with_relaid_weights(mod: Any, relayouts: dict[Any, dict[int, tuple[int, ...]]]) -> Any:
+def _with_relaid_weights(mod: Any, relayouts: dict[Any, dict[int, Relayout]]) -> Any:
     """The module with each relaid kernel under a fresh GlobalVar of its new signature, and main
     calling it with its constant arguments transposed to match."""
     import tvm
@@ -478,7 +521,7 @@ def _constant_params(mod: Any) -> dict[Any, frozenset[int]]:
     return found
 
 
-def _transpose_constants(main: Any, relayouts: dict[Any, dict[int, tuple[int, ...]]], renamed: dict[Any, Any]) -> Any:
+def _transpose_constants(main: Any, relayouts: dict[Any, dict[int, Relayout]], renamed: dict[Any, Any]) -> Any:
     """main calling each relaid kernel by its new GlobalVar, its constant arguments transposed as the new parameter layout says."""
     import numpy as np
     from tvm import relax
@@ -492,8 +535,8 @@ def _transpose_constants(main: Any, relayouts: dict[Any, dict[int, tuple[int, ..
             if not call.op.same_as(call_tir) or call.args[0] not in relayouts:
                 return call
             fields = list(call.args[1].fields)
-            for index, order in relayouts[call.args[0]].items():
-                fields[index] = relax.const(np.ascontiguousarray(np.transpose(fields[index].value.numpy(), order)))
+            for index, relayout in relayouts[call.args[0]].items():
+                fields[index] = relax.const(relayout.apply(fields[index].value.numpy()))
             return relax.Call(call.op, [renamed[call.args[0]], relax.Tuple(fields), *call.args[2:]], call.attrs, call.ty_args)
 
     return Transposer().visit_expr(main)

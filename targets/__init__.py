@@ -100,6 +100,16 @@ class TargetProfile:
         features = {str(f) for f in codegen.llvm_get_cpu_features(tvm.target.Target(self.tvm_target_json()))}
         return 256 if "avx2" in features else 128
 
+    def llvm_features(self) -> tuple[str, ...]:
+        """The CPU features LLVM will generate code for: the profile's own (`+name` attributes), on
+        the host what LLVM detects on this CPU (e.g. `avx512vnni`, which the int8 GEMM schedule uses)."""
+        if not self.is_host:
+            return tuple(_LLVM_FEATURE_NAMES.get(f, f) for f in self.features)
+        import tvm
+        from tvm.target import codegen  # compiler-side import, only when building
+
+        return tuple(sorted(str(f) for f in codegen.llvm_get_cpu_features(tvm.target.Target(self.tvm_target_json()))))
+
     def for_abi(self, abi: str, cc: str | None = None) -> "TargetProfile":
         """The same profile for another ABI: `gnu` (Linux, the default) or `android` (NDK clang)."""
         if abi == "gnu":

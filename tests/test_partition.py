@@ -45,7 +45,8 @@ def cnn_calibration(mobilenet: Path, tmp_path_factory: pytest.TempPathFactory) -
 def test_cnn_int8_for_dimensity_9300(mobilenet: Path, cnn_calibration: Path, tmp_path: Path) -> None:
     options = {"quantize": "int8", "calibration": cnn_calibration, "calibrate_method": "minmax", "progress": False}
     parted = api.compile(mobilenet, DIMENSITY_ON_HOST, tmp_path / "part", **options)
-    whole = api.compile(mobilenet, "host", tmp_path / "whole", **options)
+    # the same build unpartitioned: the host profile in the SoC's layout (the host's own is NHWC)
+    whole = api.compile(mobilenet, "host", tmp_path / "whole", layout=parted.manifest["options"]["layout"], **options)
     placement = _placement(parted)
     _check_map_complete(placement)
     assert placement["mac_share"] >= 0.9
@@ -63,7 +64,7 @@ def test_cnn_int8_for_dimensity_9300(mobilenet: Path, cnn_calibration: Path, tmp
 def test_an_op_the_apu_lacks_runs_on_the_cpu_alone(tmp_path: Path) -> None:
     model = conv_gelu_conv(tmp_path / "gelu.onnx")
     parted = api.compile(model, DIMENSITY_ON_HOST, tmp_path / "part", progress=False)
-    whole = api.compile(model, "host", tmp_path / "whole", progress=False)
+    whole = api.compile(model, "host", tmp_path / "whole", layout=parted.manifest["options"]["layout"], progress=False)
     placement = _placement(parted)
     _check_map_complete(placement)
     assert placement["cpu_ops"] == {"erf": {"op erf not on the unit": 1}}

@@ -67,6 +67,17 @@ def test_digits_int8_on_arm_matches_host_bit_for_bit(digits: dict, digits_int8_h
     np.testing.assert_array_equal(logits, digits_int8_host.run({"image": digits["x_test"]})["logits"])
 
 
+def test_digits_int8_with_the_i8mm_dot_product_matches_host_bit_for_bit(digits: dict, digits_int8_host: api.Artifact, tmp_path: Path) -> None:
+    """Cortex-X4 (I8MM) in NHWC: the convs and gemms run as register tiles on `usdot` (gemm.py),
+    executed under qemu-aarch64; integer accumulators are exact, so the logits are the host's."""
+    art = api.compile(digits["model"], "cortex-x4", tmp_path / "digits.x4", quantize="int8", calibration=digits["calibration"],
+                      layout=digits_int8_host.manifest["options"]["layout"], progress=False)
+    vectorize = next(p["stats"] for p in art.manifest["passes"] if p["name"] == "vectorize")
+    assert vectorize["dot_product_kernels"] >= 2 and vectorize["gemm_kernels"] >= 4, vectorize
+    logits = art.run({"image": digits["x_test"]})["logits"]
+    np.testing.assert_array_equal(logits, digits_int8_host.run({"image": digits["x_test"]})["logits"])
+
+
 def test_integer_requantize_matches_float_requantize(digits: dict, digits_int8_host: api.Artifact, tmp_path: Path) -> None:
     """Fixed-point requantize (what integer-only units run): the same model within a step of the float one."""
     art = api.compile(digits["model"], "host", tmp_path / "digits.intreq", quantize="int8", requantize="integer",

@@ -66,6 +66,7 @@ def compile(  # noqa: A001 - the toolchain's verb
     requantize: str | None = None,
     layout: str | None = None,
     tuning_db: str | Path | None = None,
+    exact_math: bool = False,
 ) -> Artifact:
     """Compiles an ONNX file for a target profile into an artifact folder (and `.tar.gz` with archive).
 
@@ -86,7 +87,8 @@ def compile(  # noqa: A001 - the toolchain's verb
     set's mean 1 - cosine against float is within it. `requantize` ("float" or "integer",
     default: the target profile's) says how int8 layers requantize their int32 accumulators.
     `layout` ("NCHW" or "NHWC", default: the target profile's) is the convolutions' layout
-    (the convert-layout pass).
+    (the convert-layout pass). `exact_math` keeps libm's exp/erf in float32 exp, erf and softmax
+    (by default CPU targets compute them with vectorizable polynomials, relative error ~2e-7).
 
     Kernels with a tuning record (`tune`) are scheduled from it: records socc ships for the
     profile, then those in `tuning_db` (default: the user's cache, ~/.cache/socc/tuning).
@@ -110,7 +112,8 @@ def compile(  # noqa: A001 - the toolchain's verb
                       max_shape=parse_dim_values(max_shape, "--max-shape"), max_memory=max_memory,
                       max_model_size=max_model_size, max_tensor_elements=max_tensor_elements,
                       progress=progress.enabled if isinstance(progress, Progress) else bool(progress),
-                      tuning_db=None if tuning_db is None else str(tuning_db), layout=layout, **quantize_options)
+                      tuning_db=None if tuning_db is None else str(tuning_db), layout=layout, exact_math=exact_math,
+                      **quantize_options)
         if calibration is not None and not isinstance(calibration, (str, Path)):
             raise UserError("calibration from a Python iterable needs isolate=False (or save it as .npz and pass the path)")
         kwargs["calibration"] = None if calibration is None else str(calibration)
@@ -154,6 +157,7 @@ def compile(  # noqa: A001 - the toolchain's verb
         **quantize_options,
         "requantize": requantize or profile.requantize,
         "layout": layout or profile.layout,
+        "exact_math": exact_math,
     }
 
     imported, ctx = _import_with_context(model_path, profile, shapes, limits, no_simplify, calibration, options, log, tuning_db)
@@ -322,7 +326,7 @@ def _import_with_context(model_path: Path, profile: TargetProfile, shapes: Mappi
     samples = None
     if calibration is not None:
         samples = calibration_source(calibration, {spec.name: spec.shape for spec in imported.inputs})
-    ctx = CompileContext(tvm.target.Target(profile.tvm_target_json()), profile.name, profile.features, profile.schedule_vector_bits(), options,
+    ctx = CompileContext(tvm.target.Target(profile.tvm_target_json()), profile.name, profile.llvm_features(), profile.schedule_vector_bits(), options,
                          vector_float=profile.vector_float, parallel=not profile.is_static, calibration=samples, source_nodes=imported.nodes_by_op_type(),
                          int4_weights=imported.int4_weights, accelerator=profile.accelerator_facts,
                          tuning_databases=database_folders(profile.name, tuning_db))
@@ -397,6 +401,7 @@ def rebuild(
         archive=options.get("archive", False),
         tuning_db=options.get("tuning_db"),
         layout=options.get("layout"),
+        exact_math=options.get("exact_math", False),
         progress=progress,
         **_rebuild_quantize_options(options),
     )

@@ -82,6 +82,7 @@ def cli(debug: bool) -> None:
 @click.option("--int8-embeddings", is_flag=True, help="With int4-weight: embedding tables int8 per row instead of int4.")
 @click.option("--requantize", type=click.Choice(["float", "integer"]), help="int8 requantize in float or fixed-point integer (default: the target's).")
 @click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), help="Convolutions' layout (default: the target's; NHWC: the convert-layout pass).")
+@click.option("--exact-math", is_flag=True, help="libm exp/erf in float32 exp, erf and softmax (default on CPUs: vectorized polynomials, ~2e-7 relative).")
 @click.option("--tuning-db", type=click.Path(path_type=Path), help="Tuning records folder (`socc tune`); default ~/.cache/socc/tuning.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
 @json_option
