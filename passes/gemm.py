@@ -48,7 +48,7 @@ class GemmShape:
     row: Any  # the loop over m (a conv's output x)
     column: Any  # the loop over n (a conv's output channels)
     reduce: list[Any]  # the loops over k, the contiguous one last (a conv's ry, rx, input channels)
-    m: int
+    m: int  # 0: symbolic (a dynamic batch of rows): tiles of one row
     n: int
     k: int  # the extent of the contiguous reduction loop
     a_dtype: str
@@ -98,19 +98,19 @@ def match_gemm(sch: Any, block_rv: Any, constant_params: frozenset[int]) -> Gemm
         if any(uses_rows(r.min) for region in block.reads[1:] for r in region.region):
             return None
         extents = [_extent(sch, loop) for loop in loops]
-        if None in extents:
+        if None in extents[-2:]:
             return None
-        return GemmShape(batch=loops[:-3], row=loops[-3], column=loops[-2], reduce=[loops[-1]], m=extents[-3], n=extents[-2], k=extents[-1],
+        return GemmShape(batch=loops[:-3], row=loops[-3], column=loops[-2], reduce=[loops[-1]], m=extents[-3] or 0, n=extents[-2], k=extents[-1],
                          a_dtype=str(a.source.dtype), b_dtype="decoded", c_dtype=str(c.source.dtype), weight_param=None)
     if not (indexed_by(b, [k_var, spatial[-1]]) or indexed_by(b, [*batch, k_var, spatial[-1]])):
         return None
     extents = [_extent(sch, loop) for loop in loops]
-    if None in extents:
+    if None in extents[-2:]:  # a symbolic batch or m (a dynamic batch of rows) is fine: n and k are the tile's
         return None
     weight = _weight_param(sch, b.source, constant_params) if len(b.region) == 2 else None
-    return GemmShape(batch=loops[:-3], row=loops[-3], column=loops[-2], reduce=[loops[-1]], m=extents[-3], n=extents[-2], k=extents[-1],
+    return GemmShape(batch=loops[:-3], row=loops[-3], column=loops[-2], reduce=[loops[-1]], m=extents[-3] or 0, n=extents[-2], k=extents[-1],
                      a_dtype=str(a.source.dtype), b_dtype=str(b.source.dtype), c_dtype=str(c.source.dtype),
-                     weight_param=weight, weight_shape=tuple(int(d) for d in b.source.shape))
+                     weight_param=weight, weight_shape=tuple(int(d) for d in b.source.shape) if len(b.region) == 2 else ())
 
 
 def _weight_param(sch: Any, buffer: Any, constant_params: frozenset[int]) -> int | None:
@@ -144,7 +144,7 @@ def match_conv_nhwc(sch: Any, block_rv: Any, constant_params: frozenset[int]) ->
     if not (indexed_by(b, [ry, rx, rc, f]) and indexed_by(c, [n, y, x, f]) and len(a.region) == 4 and a.region[3].min.same_as(rc)):
         return None
     extents = [_extent(sch, loop) for loop in loops]
-    if None in extents:
+    if None in extents[1:]:  # a symbolic batch (n) is fine
         return None
     return GemmShape(batch=loops[:2], row=loops[2], column=loops[3], reduce=loops[4:], m=extents[2], n=extents[3], k=extents[6],
                      a_dtype=str(a.source.dtype), b_dtype=str(b.source.dtype), c_dtype=str(c.source.dtype),
@@ -227,7 +227,7 @@ def vector_registers(features: frozenset[str]) -> int:
 def _tile_shape(rows: int, column_vectors: int, registers: int) -> tuple[int, int]:
     """The largest tile (rows, column vectors) that divides the output and fits the registers;
     among equals, the one with more columns (a wider run of each B row)."""
-    fits = [(r * c, c, r) for r in ROW_CHOICES for c in COLUMN_VECTOR_CHOICES
+    fits = [(r * c, c, r) for r in (ROW_CHOICES if rows else (1,)) for c in COLUMN_VECTOR_CHOICES
             if rows % r == 0 and column_vectors % c == 0 and r * c + c + 1 <= registers]
     _, c, r = max(fits)
     return r, c
@@ -259,11 +259,13 @@ def schedule_gemm(sch: Any, block_rv: Any, gemm: GemmShape, lanes: int, features
         consumers = [sch.cache_write(block_rv, 0, "global")]  # "local" after tensorize (the intrinsic's buffers are global)
     for consumer in consumers:
         sch.reverse_compute_at(consumer, col_outer)
-    batch = 1
+    batch = 1  # a symbolic extent counts as 1 (a dynamic batch is most often 1 at run time)
     for loop in gemm.batch:
         batch *= _extent(sch, loop) or 1
-    tiles = batch * (gemm.m // tile_rows) * (gemm.n // (lanes * column_vectors))
-    if parallel and batch * gemm.m * gemm.n * int(np.prod(gemm.weight_shape[:-1])) >= parallel_min_work and tiles > 1:
+    rows = gemm.m or 1
+    tiles = batch * (rows // tile_rows) * (gemm.n // (lanes * column_vectors))
+    work = batch * rows * gemm.n * (int(np.prod(gemm.weight_shape[:-1])) if gemm.weight_shape else gemm.k)
+    if parallel and work >= parallel_min_work and tiles > 1:
         # before decompose_reduction: TVM parallelizes whole reductions only
         sch.parallel(sch.fuse(*gemm.batch, row_outer, col_outer))
         stats["parallel_loops"] = 1

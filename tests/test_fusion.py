@@ -50,6 +50,8 @@ def kernels(art: toolchain.Artifact) -> int:
 
 
 def build_both(model: Path, out: Path, **options: Any) -> tuple[toolchain.Artifact, toolchain.Artifact]:
+    # the patterns are written for the ONNX layout; the host's own is NHWC (convert-layout: a transpose at each edge)
+    options.setdefault("layout", "NCHW")
     fused = toolchain.compile(model, "host", out / f"{model.stem}.fused", progress=False, **options)
     unfused = toolchain.compile(model, "host", out / f"{model.stem}.unfused", skip_pass=UNFUSED, progress=False, **options)
     return fused, unfused

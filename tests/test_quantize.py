@@ -59,8 +59,8 @@ def test_digits_int8_accuracy_within_one_point_on_host(digits: dict, digits_int8
 
 
 def test_digits_int8_on_arm_matches_host_bit_for_bit(digits: dict, digits_int8_host: api.Artifact, tmp_path: Path) -> None:
-    art = api.compile(digits["model"], "arm-cpu", tmp_path / "digits.arm", quantize="int8",
-                      calibration=digits["calibration"], progress=False)
+    art = api.compile(digits["model"], "arm-cpu", tmp_path / "digits.arm", quantize="int8", calibration=digits["calibration"],
+                      layout=digits_int8_host.manifest["options"]["layout"], progress=False)  # the host's layout (NHWC)
     logits = art.run({"image": digits["x_test"]})["logits"]  # under qemu-aarch64
     assert np.mean(logits.argmax(1) == digits["y_test"]) >= digits["float_accuracy"] - 0.01
     # integer conv/matmul + the same float epilogue: the emulated aarch64 code gives the host's bits
