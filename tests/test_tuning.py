@@ -16,12 +16,12 @@ from toolchain import api
 from toolchain.errors import UserError
 
 SHAPE = ["x=32,16"]
-WIDE_SHAPE = ["x=64,256"]
+WIDE_SHAPE = ["x=256,256"]
 
 
 @pytest.fixture(scope="module")
 def wide_mlp(models_dir: Path) -> Path:
-    """x[64,256] -> MatMul 256x250 -> Add -> Relu: big enough that a tuned schedule beats the
+    """x[256,256] -> MatMul 256x250 -> Add -> Relu: big enough that a tuned schedule beats the
     default, small enough to build fast. 250 columns are no whole number of vectors, so the default
     is not the register-tiled GEMM (gemm.py; with 256 columns it takes ~0.03 ms and 4 MetaSchedule
     trials do not beat it) but the generic schedule."""
@@ -46,7 +46,7 @@ def _apply_stats(art: api.Artifact) -> dict:
 
 def test_tuned_records_are_applied_by_later_compiles(wide_mlp: Path, tmp_path: Path) -> None:
     db = tmp_path / "db"
-    result = run_socc("tune", wide_mlp, "--tuning-db", db, "--shape", WIDE_SHAPE[0], "--trials", "4", "--json", "--quiet")
+    result = run_socc("tune", wide_mlp, "--tuning-db", db, "--shape", WIDE_SHAPE[0], "--trials", "8", "--json", "--quiet")
     assert result.code == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["tuned"] >= 1 and report["tuned"] == sum(k["kept"] for k in report["kernels"]), report["kernels"]
@@ -62,7 +62,7 @@ def test_tuned_records_are_applied_by_later_compiles(wide_mlp: Path, tmp_path: P
     plain = api.compile(wide_mlp, "host", tmp_path / "plain", shape=WIDE_SHAPE, tuning_db=tmp_path / "empty", progress=False)
     assert _apply_stats(tuned)["kernels_tuned"] == report["tuned"]
     assert _apply_stats(plain)["kernels_tuned"] == 0
-    x = np.random.default_rng(0).standard_normal((64, 256)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32)
     reference = ort.InferenceSession(str(wide_mlp)).run(None, {"x": x})[0]
     np.testing.assert_allclose(tuned.run({"x": x})["y"], reference, rtol=1e-4, atol=1e-4)
     again = api.compile(wide_mlp, "host", tmp_path / "again", shape=WIDE_SHAPE, tuning_db=db, progress=False)
