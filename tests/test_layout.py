@@ -40,4 +40,4 @@ def test_nchw_is_left_alone_and_a_bad_layout_is_refused(tmp_path: Path, tiny_mlp
         toolchain.compile(tiny_mlp, profile=profile, output=tmp_path / "bad2", progress=False, isolate=False)
     assert toolchain.targets.load_profile("hexagon-v73").layout == "NHWC"
     assert toolchain.targets.load_profile("host").layout == "NHWC"  # register-tiled convs (gemm.py)
-    assert toolchain.targets.load_profile("arm-cpu").layout == "NCHW"
+    assert toolchain.targets.load_profile("arm-cpu").layout == "NHWC" and toolchain.targets.load_profile("dimensity-9300").layout == "NHWC"
