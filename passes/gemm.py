@@ -80,16 +80,14 @@ def match_gemm(sch: Any, block_rv: Any, constant_params: frozenset[int]) -> Gemm
     names = [iv.var for iv in block.iter_vars]
     a, b = block.reads[0], block.reads[1]
     c = block.writes[0]
-
-    def indexed_by(region: Any, variables: list[Any]) -> bool:
-        return len(region.region) == len(variables) and all(
-            isinstance(r.extent, tirx.IntImm) and int(r.extent) == 1 and r.min.same_as(v) for r, v in zip(region.region, variables))
-
     spatial, k_var = names[:-1], names[-1]
     batch = spatial[:-2]
-    if not (indexed_by(a, [*spatial[:-1], k_var]) and indexed_by(c, spatial)):
+    extents = [_extent(sch, loop) for loop in loops]
+    # a symbolic batch or m (a dynamic batch of rows) is fine: n and k are the tile's
+    if not (_indexed_by(a, [*spatial[:-1], k_var]) and _indexed_by(c, spatial)) or None in extents[-2:]:
         return None
-    if len(block.reads) > 2:
+    decoded = len(block.reads) > 2
+    if decoded:
         # a weight decoded inside the reduction (int4 codes, group scales, zero points): every
         # other read is indexed by k and n alone; tiled as is (no packing, no dot product)
         def uses_rows(expr: Any) -> bool:
@@ -97,20 +95,21 @@ def match_gemm(sch: Any, block_rv: Any, constant_params: frozenset[int]) -> Gemm
 
         if any(uses_rows(r.min) for region in block.reads[1:] for r in region.region):
             return None
-        extents = [_extent(sch, loop) for loop in loops]
-        if None in extents[-2:]:
-            return None
-        return GemmShape(batch=loops[:-3], row=loops[-3], column=loops[-2], reduce=[loops[-1]], m=extents[-3] or 0, n=extents[-2], k=extents[-1],
-                         a_dtype=str(a.source.dtype), b_dtype="decoded", c_dtype=str(c.source.dtype), weight_param=None)
-    if not (indexed_by(b, [k_var, spatial[-1]]) or indexed_by(b, [*batch, k_var, spatial[-1]])):
+    elif not (_indexed_by(b, [k_var, spatial[-1]]) or _indexed_by(b, [*batch, k_var, spatial[-1]])):
         return None
-    extents = [_extent(sch, loop) for loop in loops]
-    if None in extents[-2:]:  # a symbolic batch or m (a dynamic batch of rows) is fine: n and k are the tile's
-        return None
-    weight = _weight_param(sch, b.source, constant_params) if len(b.region) == 2 else None
+    weight = not decoded and len(b.region) == 2  # B [k, n], not per batch
     return GemmShape(batch=loops[:-3], row=loops[-3], column=loops[-2], reduce=[loops[-1]], m=extents[-3] or 0, n=extents[-2], k=extents[-1],
-                     a_dtype=str(a.source.dtype), b_dtype=str(b.source.dtype), c_dtype=str(c.source.dtype),
-                     weight_param=weight, weight_shape=tuple(int(d) for d in b.source.shape) if len(b.region) == 2 else ())
+                     a_dtype=str(a.source.dtype), b_dtype="decoded" if decoded else str(b.source.dtype), c_dtype=str(c.source.dtype),
+                     weight_param=_weight_param(sch, b.source, constant_params) if weight else None,
+                     weight_shape=tuple(int(d) for d in b.source.shape) if weight else ())
+
+
+def _indexed_by(region: Any, variables: list[Any]) -> bool:
+    """The buffer region is exactly one element at the given iteration variables."""
+    from tvm import tirx
+
+    return len(region.region) == len(variables) and all(
+        isinstance(r.extent, tirx.IntImm) and int(r.extent) == 1 and r.min.same_as(v) for r, v in zip(region.region, variables))
 
 
 def _weight_param(sch: Any, buffer: Any, constant_params: frozenset[int]) -> int | None:
@@ -136,12 +135,7 @@ def match_conv_nhwc(sch: Any, block_rv: Any, constant_params: frozenset[int]) ->
     n, y, x, f, ry, rx, rc = (iv.var for iv in block.iter_vars)
     a, b = block.reads
     c = block.writes[0]
-
-    def indexed_by(region: Any, variables: list[Any]) -> bool:
-        return len(region.region) == len(variables) and all(
-            isinstance(r.extent, tirx.IntImm) and int(r.extent) == 1 and r.min.same_as(v) for r, v in zip(region.region, variables))
-
-    if not (indexed_by(b, [ry, rx, rc, f]) and indexed_by(c, [n, y, x, f]) and len(a.region) == 4 and a.region[3].min.same_as(rc)):
+    if not (_indexed_by(b, [ry, rx, rc, f]) and _indexed_by(c, [n, y, x, f]) and len(a.region) == 4 and a.region[3].min.same_as(rc)):
         return None
     extents = [_extent(sch, loop) for loop in loops]
     if None in extents[1:]:  # a symbolic batch (n) is fine
@@ -172,7 +166,7 @@ _REGISTERED: set[str] = set()
 def _dot_intrinsic(lanes: int, group: int, a_dtype: str, b_dtype: str, llvm_name: str) -> str:
     """Registers (once) the tensor intrinsic `C[i] += sum_j A[j] * B[i, j]` for `lanes` x `group`
     8-bit pairs, implemented by one call of the LLVM dot-product intrinsic; returns its name."""
-    from tvm import s_tir, tirx
+    from tvm import s_tir
     from tvm.script import tirx as T
     from tvm.target.codegen import llvm_version_major
 
@@ -208,7 +202,6 @@ def _dot_intrinsic(lanes: int, group: int, a_dtype: str, b_dtype: str, llvm_name
                 T.reinterpret(b.vload([0, 0], f"{b_dtype}x{lanes * group}"), dtype=operand_types[1]),
                 dtype=f"int32x{lanes}")
 
-    del tirx
     s_tir.TensorIntrin.register(name, description, implementation)
     _REGISTERED.add(name)
     return name

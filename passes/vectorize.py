@@ -339,7 +339,6 @@ def schedule_kernel(func: Any, vector_bits: int, vector_float: bool, constant_pa
                 continue
             window = [_extent(sch, loop) for loop in reduce[1:]]
             pointwise = len(spatial) >= 2 and bool(window) and all(e == 1 for e in window) and (_extent(sch, spatial[-1]) or 0) < lanes
-            row = (_extent(sch, spatial[-1]) or 0) * ((_extent(sch, spatial[-2]) or 0) if pointwise else 1)
             # vectors as wide as the narrow operands load whole (128 x int8 on HVX), down to half an accumulator vector
             wide, smallest = max(vector_bits // _read_bits(block), lanes), max(lanes // 2, 2)
             strided = _strided_row(block, spatial_vars=[iv.var for iv, kind in zip(block.iter_vars, kinds) if kind == tirx.IterVar.DataPar])
@@ -523,7 +522,6 @@ def _constant_params(mod: Any) -> dict[Any, frozenset[int]]:
 
 def _transpose_constants(main: Any, relayouts: dict[Any, dict[int, Relayout]], renamed: dict[Any, Any]) -> Any:
     """main calling each relaid kernel by its new GlobalVar, its constant arguments transposed as the new parameter layout says."""
-    import numpy as np
     from tvm import relax
 
     call_tir = _op("relax.call_tir")
