@@ -25,21 +25,24 @@ EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 
 ERF_P = 0.3275911
 ERF_POLY = (1.061405429, -1.453152027, 1.421413741, -0.284496736, 0.254829592)  # a5 .. a1
 
-FAST_OPS = ("relax.exp", "relax.erf", "relax.nn.softmax")
+
+def _f32(value: float) -> Any:
+    from tvm import tirx
+
+    return tirx.const(value, "float32")
 
 
 def fast_exp(x: Any) -> Any:
     """exp of a float32 TIR expression as vectorizable arithmetic."""
     from tvm import tirx
 
-    f32 = lambda v: tirx.const(v, "float32")  # noqa: E731
-    x = tirx.max(tirx.min(x, f32(EXP_HIGH)), f32(EXP_LOW))
-    n = tirx.floor(x * f32(LOG2_E) + f32(0.5))
-    r = x - n * f32(LN2_HIGH) - n * f32(LN2_LOW)
-    poly = f32(EXP_POLY[0])
+    x = tirx.max(tirx.min(x, _f32(EXP_HIGH)), _f32(EXP_LOW))
+    n = tirx.floor(x * _f32(LOG2_E) + _f32(0.5))
+    r = x - n * _f32(LN2_HIGH) - n * _f32(LN2_LOW)
+    poly = _f32(EXP_POLY[0])
     for coefficient in EXP_POLY[1:]:
-        poly = poly * r + f32(coefficient)
-    p = poly * (r * r) + r + f32(1.0)
+        poly = poly * r + _f32(coefficient)
+    p = poly * (r * r) + r + _f32(1.0)
     two_to_n = tirx.reinterpret("float32", (tirx.Cast("int32", n) + tirx.const(127, "int32")) << tirx.const(23, "int32"))
     return p * two_to_n
 
@@ -48,22 +51,19 @@ def fast_erf(x: Any) -> Any:
     """erf of a float32 TIR expression as vectorizable arithmetic (one fast_exp)."""
     from tvm import tirx
 
-    f32 = lambda v: tirx.const(v, "float32")  # noqa: E731
     a = tirx.abs(x)
-    t = f32(1.0) / (f32(1.0) + f32(ERF_P) * a)
-    poly = f32(ERF_POLY[0])
+    t = _f32(1.0) / (_f32(1.0) + _f32(ERF_P) * a)
+    poly = _f32(ERF_POLY[0])
     for coefficient in ERF_POLY[1:]:
-        poly = poly * t + f32(coefficient)
-    y = f32(1.0) - poly * t * fast_exp(-(a * a))
-    return tirx.Select(x < f32(0.0), -y, y)
+        poly = poly * t + _f32(coefficient)
+    y = _f32(1.0) - poly * t * fast_exp(-(a * a))
+    return tirx.Select(x < _f32(0.0), -y, y)
 
 
 def _elementwise(name: str, function: Any) -> Any:
     def legalize(bb: Any, call: Any) -> Any:
         from tvm import te
 
-        if str(call.args[0].ty.dtype) != "float32":
-            return _default(bb, call)
         return bb.call_te(lambda x: te.compute(x.shape, lambda *i: function(x(*i)), name=name), call.args[0], primfunc_name_hint=name)
 
     return legalize
@@ -72,10 +72,6 @@ def _elementwise(name: str, function: Any) -> Any:
 def _softmax(bb: Any, call: Any) -> Any:
     """softmax along one axis in TOPI's four stages (max, exp, sum, normalize), exp as fast_exp."""
     from tvm import te
-
-    data = call.args[0]
-    if str(data.ty.dtype) != "float32":
-        return _default(bb, call)
 
     def compute(x: Any) -> Any:
         rank = len(x.shape)
@@ -91,22 +87,19 @@ def _softmax(bb: Any, call: Any) -> Any:
         expsum = te.compute(maxelem.shape, lambda *i: te.sum(exp(*at(i, k2)), axis=k2), name="T_softmax_expsum")
         return te.compute(x.shape, lambda *i: exp(*i) / expsum(*(i[:axis] + i[axis + 1:])), name="T_softmax_norm")
 
-    return bb.call_te(compute, data, primfunc_name_hint="softmax")
-
-
-def _default(bb: Any, call: Any) -> Any:
-    """TVM's own legalization of the call (other dtypes)."""
-    return call.op.get_attr("FLegalize")(bb, call)
+    return bb.call_te(compute, call.args[0], primfunc_name_hint="softmax")
 
 
 def legalize_map(counts: dict[str, int]) -> dict[str, Any]:
-    """Custom legalizations of `FAST_OPS` for LegalizeOps; each float32 call it rewrites is counted in `counts` by op."""
+    """Custom legalizations of exp, erf and softmax for LegalizeOps: float32 calls take the fast
+    versions, each counted in `counts` by op; other dtypes keep TVM's own legalization."""
     rules = {"relax.exp": _elementwise("exp", fast_exp), "relax.erf": _elementwise("erf", fast_erf), "relax.nn.softmax": _softmax}
 
     def counted(name: str, rule: Any) -> Any:
         def legalize(bb: Any, call: Any) -> Any:
-            if str(call.args[0].ty.dtype) == "float32":
-                counts[name] = counts.get(name, 0) + 1
+            if str(call.args[0].ty.dtype) != "float32":
+                return call.op.get_attr("FLegalize")(bb, call)
+            counts[name] = counts.get(name, 0) + 1
             return rule(bb, call)
 
         return legalize

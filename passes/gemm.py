@@ -58,7 +58,8 @@ class GemmShape:
     weight_shape: tuple[int, ...] = ()  # B's shape: [k, n], or a conv's [kh, kw, c, f] (HWIO)
 
 
-def _extent(sch: Any, loop: Any) -> int | None:
+def loop_extent(sch: Any, loop: Any) -> int | None:
+    """A loop's extent, None when symbolic."""
     from tvm import tirx
 
     extent = sch.get(loop).extent
@@ -82,7 +83,7 @@ def match_gemm(sch: Any, block_rv: Any, constant_params: frozenset[int]) -> Gemm
     c = block.writes[0]
     spatial, k_var = names[:-1], names[-1]
     batch = spatial[:-2]
-    extents = [_extent(sch, loop) for loop in loops]
+    extents = [loop_extent(sch, loop) for loop in loops]
     # a symbolic batch or m (a dynamic batch of rows) is fine: n and k are the tile's
     if not (_indexed_by(a, [*spatial[:-1], k_var]) and _indexed_by(c, spatial)) or None in extents[-2:]:
         return None
@@ -137,7 +138,7 @@ def match_conv_nhwc(sch: Any, block_rv: Any, constant_params: frozenset[int]) ->
     c = block.writes[0]
     if not (_indexed_by(b, [ry, rx, rc, f]) and _indexed_by(c, [n, y, x, f]) and len(a.region) == 4 and a.region[3].min.same_as(rc)):
         return None
-    extents = [_extent(sch, loop) for loop in loops]
+    extents = [loop_extent(sch, loop) for loop in loops]
     if None in extents[1:]:  # a symbolic batch (n) is fine
         return None
     return GemmShape(batch=loops[:2], row=loops[2], column=loops[3], reduce=loops[4:], m=extents[2], n=extents[3], k=extents[6],
@@ -235,6 +236,7 @@ def schedule_gemm(sch: Any, block_rv: Any, gemm: GemmShape, lanes: int, features
     of the blocks it scheduled."""
     stats = {"gemm_kernels": 1, "dot_product_kernels": 0}
     relayout: dict[int, Relayout] = {}
+    reduction = int(np.prod([loop_extent(sch, loop) for loop in gemm.reduce]))  # multiply-adds per output
     dot = dot_product_for(features, gemm)
     if dot is not None:
         lanes, group = dot[0], dot[1]
@@ -254,12 +256,11 @@ def schedule_gemm(sch: Any, block_rv: Any, gemm: GemmShape, lanes: int, features
         consumers = [sch.cache_write(block_rv, 0, "global")]  # "local" after tensorize (the intrinsic's buffers are global)
     for consumer in consumers:
         sch.reverse_compute_at(consumer, col_outer)
-    batch = 1  # a symbolic extent counts as 1 (a dynamic batch is most often 1 at run time)
-    for loop in gemm.batch:
-        batch *= _extent(sch, loop) or 1
+    # a symbolic extent counts as 1 (a dynamic batch is most often 1 at run time)
+    batch = int(np.prod([loop_extent(sch, loop) or 1 for loop in gemm.batch]))
     rows = gemm.m or 1
     tiles = batch * (rows // tile_rows) * (gemm.n // (lanes * column_vectors))
-    work = batch * rows * gemm.n * (int(np.prod(gemm.weight_shape[:-1])) if gemm.weight_shape else gemm.k)
+    work = batch * rows * gemm.n * reduction
     if parallel and work >= parallel_min_work and tiles > 1:
         # before decompose_reduction: TVM parallelizes whole reductions only
         sch.parallel(sch.fuse(*gemm.batch, row_outer, col_outer))
@@ -279,10 +280,10 @@ def schedule_gemm(sch: Any, block_rv: Any, gemm: GemmShape, lanes: int, features
     for consumer in consumers:
         loops = sch.get_loops(consumer)
         inner = loops[-1]
-        extent = _extent(sch, inner) or 0
-        if extent % lanes == 0 and extent > lanes:
-            _, inner = sch.split(inner, factors=[None, lanes])
+        extent = loop_extent(sch, inner) or 0
         if extent >= lanes and extent % lanes == 0:
+            if extent > lanes:
+                _, inner = sch.split(inner, factors=[None, lanes])
             sch.vectorize(inner)
     return stats, relayout, {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_loops(init)[0])}
 

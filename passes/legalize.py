@@ -13,6 +13,7 @@ class Legalize(TvmPhase):
 
     name = "legalize"
     required = True
+
     def __init__(self) -> None:
         self.fast_math_counts: dict[str, int] = {}
 

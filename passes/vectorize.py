@@ -7,6 +7,7 @@ from typing import Any
 from .apply_tuning import is_scheduled
 from .base import CompileContext, GraphPass
 from .gemm import Relayout, match, schedule_gemm
+from .gemm import loop_extent as _extent
 from .requantize import REQUANTIZE_STAGES
 
 
@@ -167,13 +168,6 @@ def _kept_stage(block: Any) -> bool:
     lanes would carry 128 int64 products, which LLVM splits apart; as blocks they are vectorized
     by 32 x int32 (the product a multiply-high pair) and the cast by 128 x uint8."""
     return block.name_hint.startswith(REQUANTIZE_STAGES)
-
-
-def _extent(sch: Any, loop_rv: Any) -> int | None:
-    from tvm import tirx
-
-    extent = sch.get(loop_rv).extent
-    return int(extent) if isinstance(extent, tirx.IntImm) else None
 
 
 def _vector_width(extent: int, lanes: int, smallest: int = 0) -> int:
@@ -403,13 +397,13 @@ def _tile_gemms(sch: Any, names: list[str], vector_bits: int, constant_params: f
     to the generic schedule."""
     done: set[str] = set()
     for name in names:
-        block_rv = sch.get_sblock(name)
-        if match(sch, block_rv, constant_params) is None:
-            continue
         trial = sch.copy()
+        gemm = match(trial, trial.get_sblock(name), constant_params)  # again: inlining may have changed the block
+        if gemm is None:
+            continue
         try:
-            gemm_stats, gemm_relayout, scheduled = schedule_gemm(trial, trial.get_sblock(name), match(trial, trial.get_sblock(name), constant_params),
-                                                      max(vector_bits // 32, 1), features, parallel, PARALLEL_MIN_WORK)
+            gemm_stats, gemm_relayout, scheduled = schedule_gemm(trial, trial.get_sblock(name), gemm, max(vector_bits // 32, 1), features,
+                                                                 parallel, PARALLEL_MIN_WORK)
         except Exception:  # noqa: BLE001 - a shape the tiles do not fit: the generic schedule
             continue
         sch = trial

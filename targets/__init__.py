@@ -94,11 +94,7 @@ class TargetProfile:
         vectors there), else 128 (SSE2 on x86-64, NEON on aarch64)."""
         if self.vector_bits or not self.is_host:
             return self.vector_bits
-        import tvm
-        from tvm.target import codegen  # compiler-side import, only when building
-
-        features = {str(f) for f in codegen.llvm_get_cpu_features(tvm.target.Target(self.tvm_target_json()))}
-        return 256 if "avx2" in features else 128
+        return 256 if "avx2" in self.llvm_features() else 128
 
     def llvm_features(self) -> tuple[str, ...]:
         """The CPU features LLVM will generate code for: the profile's own (`+name` attributes), on
