@@ -185,19 +185,56 @@ def _vector_width(extent: int, lanes: int, smallest: int = 0) -> int:
     return 0
 
 
-def _vectorize_innermost(sch: Any, loop_rv: Any, lanes: int, outer_anchor: Any = None, smallest: int = 0) -> bool:
-    """Splits `loop_rv` into vectors of `_vector_width` lanes and vectorizes them; False when no width fits."""
+def _tail_width(extent: int, lanes: int, smallest: int = 0) -> int:
+    """For an extent no vector width divides: the widest of `lanes`, lanes/2, ... down to `smallest`
+    that leaves a tail shorter than `smallest` (vectors over the rest, the tail scalar); 0 when the
+    extent is shorter than one such vector."""
+    smallest = max(smallest or lanes // 2, 2)
+    width = lanes
+    while width >= smallest:
+        if extent > width and extent % width < smallest:
+            return width
+        width //= 2
+    return 0
+
+
+def _vectorize_innermost(sch: Any, loop_rv: Any, lanes: int, outer_anchor: Any = None, smallest: int = 0, tails: list[Any] | None = None) -> bool:
+    """Splits `loop_rv` into vectors of `_vector_width` lanes and vectorizes them; False when no width fits.
+
+    With `tails` (a list), an extent that no width divides is split anyway (`_tail_width`): the last
+    vector's lanes past the end are predicated off, and the loop over vectors goes into `tails`, for
+    `_peel_tails` to split its last iteration off once the block is scheduled."""
     extent = _extent(sch, loop_rv)
     width = _vector_width(extent or 0, lanes, smallest)
+    peel = False
+    if width == 0 and tails is not None and extent:
+        width, peel = _tail_width(extent, lanes, smallest), True
     if width == 0:
         return False
     if extent > width:
         outer, inner = sch.split(loop_rv, factors=[None, width])
+        if peel:
+            tails.append((outer, extent // width))
         if outer_anchor is not None:
             sch.reorder(outer, *outer_anchor, inner)
         loop_rv = inner
     sch.vectorize(loop_rv)
     return True
+
+
+def _peel_tails(sch: Any, tails: list[tuple[Any, int]]) -> int:
+    """Splits each loop over vectors with a predicated last vector into the whole vectors and that
+    last one (`loop_partition`): the first loop's predicate is then always true and simplifies away,
+    so its vectors stay vectors (a vector loop with a condition is scalarized whole by TVM's
+    VectorizeLoop); the tail runs scalar. Returns how many were split."""
+    peeled = 0
+    for outer, whole in tails:
+        try:
+            sch.loop_partition(outer, [whole, None])
+        except Exception:  # noqa: BLE001 - e.g. fused into a parallel loop since: the loop stays as it is (scalar)
+            continue
+        peeled += 1
+    return peeled
 
 
 def _work(sch: Any, loops: list[Any]) -> int:
@@ -307,8 +344,9 @@ def schedule_kernel(func: Any, vector_bits: int, vector_float: bool, constant_pa
     from tvm import s_tir, tirx
 
     stats = {"inlined": 0, "vectorized_loops": 0, "scalar_float_blocks": 0, "gathers_left_scalar": 0, "rows_left_scalar": 0,
-             "fused_row_blocks": 0, "parallel_loops": 0, "gemm_kernels": 0, "dot_product_kernels": 0}
+             "fused_row_blocks": 0, "parallel_loops": 0, "gemm_kernels": 0, "dot_product_kernels": 0, "tails_peeled": 0}
     relayout: dict[int, Relayout] = {}
+    tails: list[tuple[Any, int]] = []
     sch = s_tir.Schedule(func)
     # Hexagon (no float vectors) keeps the schedule below: HVX wants whole 128-byte int8 vectors
     gemms = _gemm_blocks(sch, constant_params) if vector_float else []
@@ -349,13 +387,16 @@ def schedule_kernel(func: Any, vector_bits: int, vector_float: bool, constant_pa
                 spatial = [*spatial[:-2], sch.fuse(spatial[-2], spatial[-1])]
             innermost = spatial[-1]
             sch.reorder(*spatial[:-1], *reduce, innermost)
-            if _vectorize_innermost(sch, innermost, wide, outer_anchor=reduce, smallest=smallest):
+            tailed = len(tails)
+            if _vectorize_innermost(sch, innermost, wide, outer_anchor=reduce, smallest=smallest, tails=tails):
                 stats["vectorized_loops"] += 1
             outer = len(spatial) - 1  # the spatial loops around the reduction (and its init), but the vectorized one
             if parallel and _parallel_outer(sch, sch.get_loops(block_rv)[:outer], work):
                 stats["parallel_loops"] += 1
                 outer = 1  # fused into one
-            sch.decompose_reduction(block_rv, sch.get_loops(block_rv)[outer])
+            init = sch.decompose_reduction(block_rv, sch.get_loops(block_rv)[outer])
+            if len(tails) > tailed:  # the init's copy of the loop over vectors has the same tail
+                tails.append((sch.get_loops(init)[-2], tails[-1][1]))
         else:
             if _gathers(block):
                 stats["gathers_left_scalar"] += 1
@@ -370,11 +411,14 @@ def schedule_kernel(func: Any, vector_bits: int, vector_float: bool, constant_pa
                 if _vectorize_fused_rows(sch, block_rv, loops, lanes, smallest):
                     stats["vectorized_loops"] += 1
                     stats["fused_row_blocks"] += 1
+                elif _vectorize_innermost(sch, loops[-1], lanes, smallest=smallest, tails=tails):
+                    stats["vectorized_loops"] += 1
                 else:
                     stats["rows_left_scalar"] += 1
                 continue
             if _vectorize_innermost(sch, loops[-1], lanes, smallest=smallest):
                 stats["vectorized_loops"] += 1
+    stats["tails_peeled"] = _peel_tails(sch, tails)
     return sch.mod["main"], stats, relayout
 
 
@@ -424,7 +468,8 @@ class Vectorize(GraphPass):
         from tvm import tirx
 
         totals = {"vector_bits": ctx.vector_bits, "parallel": ctx.parallel, "parallel_loops": 0, "kernels": 0, "kernels_vectorized": 0, "vectorized_loops": 0, "inlined": 0, "scalar_float_blocks": 0,
-                  "gathers_left_scalar": 0, "gemm_kernels": 0, "dot_product_kernels": 0, "rows_left_scalar": 0, "fused_row_blocks": 0, "failed": 0}
+                  "gathers_left_scalar": 0, "gemm_kernels": 0, "dot_product_kernels": 0, "rows_left_scalar": 0, "fused_row_blocks": 0, "tails_peeled": 0,
+                  "failed": 0}
         if ctx.vector_bits <= 0:
             return mod, {**totals, "skipped": "the target profile gives no vector width"}
         result = mod.clone()

@@ -283,6 +283,7 @@ def kernels_before_tuning(model: str | Path, profile: TargetProfile, tuning_db: 
     check_layout(layout)
     options = {"shape": {k: list(v) for k, v in sorted(shapes.items())}, "max_shape": {}, "skip_fusion": sorted(skip_fusion),
                "layout": layout or profile.layout, **_quantize_options(quantize, calibration, calibrate_method, activation_dtype)}
+    options["requantize"] = options["requantize"] or profile.requantize  # as compile() resolves it
     imported, ctx = _import_with_context(Path(model), profile, shapes, Limits(MAX_MODEL_BYTES, MAX_TENSOR_ELEMENTS), no_simplify,
                                          calibration, options, log, tuning_db)
     selected = select_passes(profile.default_passes)
