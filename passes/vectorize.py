@@ -6,7 +6,7 @@ from typing import Any
 
 from .apply_tuning import is_scheduled
 from .base import CompileContext, GraphPass
-from .gemm import Relayout, match, schedule_gemm
+from .gemm import COLUMN_VECTOR_CHOICES, Relayout, match, schedule_gemm
 from .gemm import loop_extent as _extent
 from .requantize import REQUANTIZE_STAGES
 
@@ -350,7 +350,7 @@ def schedule_kernel(func: Any, vector_bits: int, vector_float: bool, constant_pa
     sch = s_tir.Schedule(func)
     # Hexagon (no float vectors) keeps the schedule below: HVX wants whole 128-byte int8 vectors
     gemms = _gemm_blocks(sch, constant_params) if vector_float else []
-    stats["inlined"] = _inline_elementwise(sch, keep=_operand_producers(sch, gemms))
+    stats["inlined"] = _inline_elementwise(sch, keep=_operand_producers(sch, gemms, constant_params, vector_bits))
     sch, tiled = _tile_gemms(sch, gemms, vector_bits, constant_params, parallel, features, stats, relayout)
     for block_rv in sch.get_child_blocks(sch.get_sblock("root")):
         block = sch.get(block_rv)
@@ -407,6 +407,7 @@ def schedule_kernel(func: Any, vector_bits: int, vector_float: bool, constant_pa
             # the innermost loop alone, when a vector width divides it: fused with the loops around
             # it, a vector crosses rows and TVM vectorizes its `fused // W` indices lane by lane;
             # except (pixel, channel) of a block whose accesses stay runs when fused (_vectorize_fused_rows)
+            tailed = len(tails)
             if not _vector_width(_extent(sch, loops[-1]) or 0, lanes, smallest):
                 if _vectorize_fused_rows(sch, block_rv, loops, lanes, smallest):
                     stats["vectorized_loops"] += 1
@@ -415,11 +416,28 @@ def schedule_kernel(func: Any, vector_bits: int, vector_float: bool, constant_pa
                     stats["vectorized_loops"] += 1
                 else:
                     stats["rows_left_scalar"] += 1
-                continue
-            if _vectorize_innermost(sch, loops[-1], lanes, smallest=smallest):
+            elif _vectorize_innermost(sch, loops[-1], lanes, smallest=smallest):
                 stats["vectorized_loops"] += 1
+            # a large elementwise pass shares the thread pool too (not one with a tail: its loop over
+            # vectors must stay a loop of its own for _peel_tails)
+            if parallel and len(tails) == tailed and _parallel_elementwise(sch, block_rv):
+                stats["parallel_loops"] += 1
     stats["tails_peeled"] = _peel_tails(sch, tails)
     return sch.mod["main"], stats, relayout
+
+
+def _parallel_elementwise(sch: Any, block_rv: Any) -> bool:
+    """An elementwise block of at least PARALLEL_MIN_WORK elements: its loops outside the vector (and
+    unrolled) ones fused into one parallel loop."""
+    from tvm import tirx
+
+    loops = sch.get_loops(block_rv)
+    outer = []
+    for loop in loops:
+        if sch.get(loop).kind != tirx.ForKind.SERIAL:
+            break
+        outer.append(loop)
+    return _parallel_outer(sch, outer, _work(sch, loops))
 
 
 def _gemm_blocks(sch: Any, constant_params: frozenset[int]) -> list[str]:
@@ -428,10 +446,27 @@ def _gemm_blocks(sch: Any, constant_params: frozenset[int]) -> list[str]:
             if _is_reduction(sch.get(b)) and match(sch, b, constant_params) is not None]
 
 
-def _operand_producers(sch: Any, names: list[str]) -> set[str]:
-    """The blocks that write the matmuls' operands (an attention's head transposes): kept as copies,
-    so each matmul reads plain [.., m, k] and [.., k, n] tensors, not gathers through the transposes."""
-    return {sch.get(p).name_hint for name in names for p in sch.get_producers(sch.get_sblock(name))}
+def _operand_producers(sch: Any, names: list[str], constant_params: frozenset[int], vector_bits: int) -> set[str]:
+    """The blocks that write the matmuls' operands (an attention's head transposes, a conv's pad): kept
+    as copies, so each matmul reads plain [.., m, k] and [.., k, n] tensors, not gathers through the
+    transposes or padding conditions. Except a plain copy (a 1x1 conv's `pad_temp`, which pads
+    nothing) of an operand the tiles read once (one column tile, no conv window): inlined, so the
+    matmul reads the copy's source and the pass over memory is gone; what writes that source (a
+    BatchNorm + ReLU) is kept in its place, as the matmul must read a plain tensor."""
+    keep = set()
+    for name in names:
+        block_rv = sch.get_sblock(name)
+        gemm = match(sch, block_rv, constant_params)
+        read_once = (gemm is not None and gemm.n <= max(vector_bits // 32, 1) * max(COLUMN_VECTOR_CHOICES)
+                     and _work(sch, gemm.reduce) == gemm.k)
+        for producer in sch.get_producers(block_rv):
+            block = sch.get(producer)
+            copy = len(block.reads) == 1 and _fusable_accesses(block, [_extent(sch, loop) for loop in sch.get_loops(producer)]) is False
+            if read_once and copy and block.writes[0].source.same_as(sch.get(block_rv).reads[0].source):
+                keep |= {sch.get(p).name_hint for p in sch.get_producers(producer)}
+            else:
+                keep.add(block.name_hint)
+    return keep
 
 
 def _tile_gemms(sch: Any, names: list[str], vector_bits: int, constant_params: frozenset[int], parallel: bool, features: frozenset[str],

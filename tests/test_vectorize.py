@@ -94,3 +94,52 @@ def test_per_channel_block_with_a_channel_tail_is_exact() -> None:
     out = tvm.runtime.tensor(np.zeros_like(acc))
     lib["main"](tvm.runtime.tensor(acc), tvm.runtime.tensor(bias), out)
     np.testing.assert_array_equal(out.numpy(), acc + bias)
+
+
+def _bn_relu_conv1x1(channels: int = 48, filters: int = 64, size: int = 40):
+    """A DenseNet layer's tail: relu(x * a + b) per channel, then a 1x1 conv (NHWC, HWIO weights)."""
+    from tvm import te, topi
+
+    x = te.placeholder((1, size, size, channels), "float32", name="x")
+    scale = te.placeholder((channels,), "float32", name="scale")
+    shift = te.placeholder((channels,), "float32", name="shift")
+    weight = te.placeholder((1, 1, channels, filters), "float32", name="weight")
+    act = te.compute(x.shape, lambda n, h, w, c: te.max(x[n, h, w, c] * scale[c] + shift[c], 0.0), name="bn_relu")
+    out = topi.nn.conv2d_nhwc(act, weight, 1, 0, 1)
+    return te.create_prim_func([x, scale, shift, weight, out])
+
+
+def test_copy_of_a_once_read_operand_is_inlined_and_big_passes_run_in_parallel() -> None:
+    import tvm
+
+    from toolchain.passes.vectorize import PARALLEL_MIN_WORK, _operand_producers
+
+    func = _bn_relu_conv1x1()
+    scheduled, stats, relayout = schedule_kernel(func, vector_bits=256, vector_float=True, constant_params=frozenset({3}), parallel=True)
+    assert stats["gemm_kernels"] == 1
+    # the 64 filters are one column tile and the window is 1x1: each activation is read once, so the
+    # conv's copy of its input (`pad_temp`, no padding) is gone; the BatchNorm + ReLU stays a pass
+    # (the tiles read a plain tensor), on the thread pool: 40 x 40 x 48 elements
+    script = scheduled.script()
+    assert "pad_temp" not in script and 'sblock("bn_relu")' in script
+    assert stats["parallel_loops"] == 2 and script.count("T.parallel(") == 2
+    lib = tvm.compile(tvm.IRModule({"main": scheduled}), target="llvm")
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1, 40, 40, 48)).astype(np.float32)
+    scale, shift = rng.standard_normal(48).astype(np.float32), rng.standard_normal(48).astype(np.float32)
+    weight = rng.standard_normal((1, 1, 48, 64)).astype(np.float32)
+    out = tvm.runtime.tensor(np.zeros((1, 40, 40, 64), np.float32))
+    lib["main"](*[tvm.runtime.tensor(a) for a in (x, scale, shift, relayout[3].apply(weight) if 3 in relayout else weight)], out)
+    expected = np.maximum(x * scale + shift, 0).reshape(-1, 48) @ weight.reshape(48, 64)
+    np.testing.assert_allclose(out.numpy().reshape(-1, 64), expected, rtol=1e-4, atol=1e-4)
+
+    # a 3x3 window reads each activation 9 times: the producer stays a pass of its own, on the thread pool
+    from tvm import s_tir, te, topi
+
+    act = te.placeholder((1, 32, 32, 64), "float32", name="act")
+    w3 = te.placeholder((3, 3, 64, 16), "float32", name="w3")
+    conv = te.create_prim_func([act, w3, topi.nn.conv2d_nhwc(act, w3, 1, 1, 1)])
+    sch = s_tir.Schedule(conv)
+    assert _operand_producers(sch, ["conv2d_nhwc"], frozenset({1}), 256) == {"pad_temp"}
+    scheduled, stats, _ = schedule_kernel(conv, vector_bits=256, vector_float=True, constant_params=frozenset({1}), parallel=True)
+    assert 34 * 34 * 64 >= PARALLEL_MIN_WORK and stats["parallel_loops"] == 2  # the pad pass and the tiles
