@@ -119,6 +119,8 @@ def _fusable_accesses(block: Any, extents: list[int]) -> bool | None:
         starts = [rng.min for rng in region.region]
         if any(not isinstance(rng.extent, tirx.IntImm) or int(rng.extent) != 1 for rng in region.region):
             return None
+        if any(not isinstance(d, tirx.IntImm) for d in region.source.shape):
+            return None  # a symbolic dim (a dynamic batch)
         shape = [int(d) for d in region.source.shape]
         own = len(starts) == len(names) and all(start.same_as(var) for start, var in zip(starts, names)) and shape == extents
         channel = len(starts) == 1 and starts[0].same_as(names[-1]) and shape == extents[-1:]
