@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from .base import CompileContext, GraphPass, PassInputError
-from .requantize import Dequantized, resolve
+from .requantize import Dequantized, fold_output_biases, resolve
 from .stats import constant_bytes
 
 SCHEMES = ("int8", "int4-weight")
@@ -125,9 +125,11 @@ def _rewrite(mod: Any, layers: list[Layer], options: dict[str, Any], stats: dict
     rewriter = _Rewriter(mod, {id_of(layer.call): layer for layer in layers if layer.mode != "float"}, options)
     mod = rewriter.rewrite()
     if rewriter.integer_requantize:
+        mod, stats["integer_output_biases"] = fold_output_biases(mod, rewriter.dequantized)
         stats["requantize"] = "integer"
         stats["integer_requantized"] = rewriter.requantized
         stats["integer_residual_adds"] = rewriter.residuals_requantized
+        stats["integer_mean_pools"] = rewriter.pools_requantized
     # CanonicalizeBindings: the integer-requantize path binds the dequantized output to the layer's
     # var through an alias (v = dequantized), which FuseOps would treat as a kernel boundary
     # (not with taps: they are aliases, which it would remove)
@@ -852,6 +854,7 @@ class _Rewriter:
         self.model_biases: dict[int, np.ndarray] = {}  # by offset + bias constant: that bias
         self.requantized = 0
         self.residuals_requantized = 0
+        self.pools_requantized = 0
         # `tap_layers` (per-layer verify): every layer's output keeps a var of its own and its offset stays unfolded
         self.tap_layers = bool(options.get("tap_layers"))
         self.taps: dict[str, str] = {}  # layer name -> its output var's name
@@ -918,7 +921,8 @@ class _Rewriter:
         """x quantized for `layer` in integer arithmetic from the accumulator of the int8 layer that
         made it, when x is that layer's dequantized output plus a constant bias, through a ReLU or
         clip; None otherwise (the float quantize is used)."""
-        from .requantize import Skip, integer_requantize, integer_residual_requantize, trace_epilogue, trace_residual
+        from .requantize import (Skip, integer_mean_requantize, integer_requantize, integer_residual_requantize, trace_epilogue, trace_mean,
+                                 trace_residual)
 
         found = trace_epilogue(mutator, x, self.dequantized, self.model_biases)
         if found is not None:
@@ -931,6 +935,12 @@ class _Rewriter:
                 if tensor == id_of(skip):
                     return Skip(codes, scale, zero_point)
             return None
+
+        pooled = trace_mean(mutator, x, self.dequantized, self.model_biases)
+        if pooled is not None:
+            expr = integer_mean_requantize(mutator, *pooled, layer.scale, layer.zero_point, self.act_dtype)
+            self.pools_requantized += expr is not None
+            return expr
 
         residual = trace_residual(mutator, x, self.dequantized, self.model_biases, quantized)
         if residual is None:

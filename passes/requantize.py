@@ -16,6 +16,15 @@ fixed by the largest multiplier) and the activation folded into the clip bounds 
 z, clip(a, b) at z + round(a / s) and z + round(b / s)). acc + B stays int32 and the product is a
 32 x 32 -> 64-bit multiply whose high half LLVM finds (HVX: vmpye/vmpyo).
 
+A global average pool of such a layer's output (MobileNetV2's last conv, ReLU6, mean over the
+image), quantized for the next layer, is integer too: each pixel's term goes to the output scale
+with F fractional bits and is clipped to the activation's bounds there, the terms are summed over
+the pooled axes in int32, and the sum is multiplied by 1 / (count x 2^F) (a multiply-high),
+
+    t = clip(((acc + B[c]) * M[c]) >> S, lo_F, hi_F),   q = clip(((sum t) * M'' + 2^(S''-1)) >> S'' + z, lo', hi')
+
+so the conv's epilogue and the pool run without float (on Hexagon: in HVX, not scalar float).
+
 A residual add of such a layer's output (bias included, no activation of its own) and a tensor
 already quantized for another layer (q', s', z': a block's input, which its first conv takes) is
 requantized in integer too, as quantized runtimes add (TFLite, QNN): both terms go to the output
@@ -233,6 +242,9 @@ def integer_requantize(mutator: Any, epilogue: Epilogue, scale: float, zero_poin
 
 RESIDUAL_FRACTION_BITS = 8
 RESIDUAL_MIN_FRACTION_BITS = 4
+# a pooled term's rounding error is at most 2^-(F+1) output steps and the pool averages them: F = 1
+# already keeps the pool's error under the output's own rounding (measured: MobileNetV2's last layer)
+POOL_MIN_FRACTION_BITS = 1
 SKIP_LEFT_SHIFT = 20  # (q' - z') << 20 stays under 2^28
 HIGH_WORD_SHIFT = 33  # the least shift whose rounding constant has no bit in the low word
 
@@ -262,6 +274,111 @@ def integer_residual_requantize(mutator: Any, epilogue: Epilogue, skip: Skip, sc
                                     shifts=(shift, skip_shift, fraction), skip_multiplier=int(skip_fixed[0]),
                                     zero_points=(skip.zero_point, zero_point), bounds=_clip_bounds(epilogue, scale, zero_point, dtype),
                                     dtype=dtype, primfunc_name_hint="requantize_residual")
+
+
+def trace_mean(mutator: Any, x: Any, dequantized: dict[int, Dequantized], model_biases: dict[int, np.ndarray]) -> tuple[Epilogue, list[int], bool] | None:
+    """x's chain back to mean(an int8 layer's epilogue) over axes other than its channel axis:
+    (the epilogue, the pooled axes, keepdims); None otherwise."""
+    from tvm import relax
+
+    found = resolve(mutator, x)
+    if found is None or not isinstance(found[1], relax.Call) or getattr(found[1].op, "name", "") != "relax.mean":
+        return None
+    call = found[1]
+    epilogue = trace_epilogue(mutator, call.args[0], dequantized, model_biases)
+    if epilogue is None or call.attrs.axis is None:
+        return None
+    rank = len(epilogue.source.acc.ty.shape)
+    axes = sorted(int(a) % rank for a in call.attrs.axis)
+    if _channel_axis(epilogue) in axes:
+        return None
+    return epilogue, axes, bool(call.attrs.keepdims)
+
+
+def integer_mean_requantize(mutator: Any, epilogue: Epilogue, axes: list[int], keepdims: bool, scale: float, zero_point: int, dtype: str) -> Any:
+    """The pooled layer's integer requantize (module docstring); None when a pooled dim is symbolic,
+    the layer's multiplier leaves fewer than POOL_MIN_FRACTION_BITS with a high-word shift, or
+    the sum could overflow int32."""
+    from tvm import relax, tirx
+
+    bias_codes = _bias_codes(epilogue)
+    dims = [epilogue.source.acc.ty.shape[a] for a in axes]
+    if bias_codes is None or not all(isinstance(d, tirx.IntImm) for d in dims):
+        return None
+    count = int(np.prod([int(d) for d in dims]))
+    main_multiplier = epilogue.source.rescale.astype(np.float64) / scale
+    fraction = min(RESIDUAL_FRACTION_BITS, 30 - math.floor(math.log2(float(main_multiplier.max()))) - HIGH_WORD_SHIFT)
+    if fraction < POOL_MIN_FRACTION_BITS:
+        return None
+    multiplier, shift = fixed_point(main_multiplier * 2.0 ** fraction)
+    unbounded = (epilogue.source.acc_bound + np.abs(bias_codes).max(initial=0)) * main_multiplier.max() * 2.0 ** fraction + 1
+    low, high = (-unbounded if epilogue.low == -math.inf else epilogue.low / scale * 2.0 ** fraction,
+                 unbounded if epilogue.high == math.inf else epilogue.high / scale * 2.0 ** fraction)
+    term_bounds = (int(np.clip(np.rint(low), -INT32_LIMIT + 1, INT32_LIMIT - 1)), int(np.clip(np.rint(high), -INT32_LIMIT + 1, INT32_LIMIT - 1)))
+    if count * max(abs(term_bounds[0]), abs(term_bounds[1])) >= INT32_LIMIT // 2:
+        return None
+    pool_multiplier, pool_shift = fixed_point(np.array([1.0 / (count * 2.0 ** fraction)]))
+    return mutator.builder_.call_te(_mean_requantize_te, epilogue.source.acc, relax.const(bias_codes.astype(np.int32).reshape(-1)),
+                                    relax.const(multiplier.reshape(-1)), axis=_channel_axis(epilogue), pooled=tuple(axes), keepdims=keepdims,
+                                    shifts=(shift, pool_shift), pool_multiplier=int(pool_multiplier[0]), term_bounds=term_bounds,
+                                    zero_point=zero_point, bounds=_clip_bounds(epilogue, scale, zero_point, dtype), dtype=dtype,
+                                    primfunc_name_hint="requantize_mean")
+
+
+def fold_output_biases(mod: Any, dequantized: dict[int, Dequantized]) -> tuple[Any, int]:
+    """Integer requantize's form for a layer whose float output is the model's output (a
+    classifier's logits): `float(acc) * r` then `+ b` (and the max that keeps the two apart) becomes
+    `float(acc + B) * r` with B = round(b / r) per channel in the accumulator, as quantized runtimes
+    keep a bias: one int32 add and two float ops, where the float ones are scalar (Hexagon under
+    qemu). Nothing follows the multiply in the model, so no fused multiply-add can form. Returns
+    the module and how many outputs were folded."""
+    from tvm import relax
+    from tvm.ir.expr import Constant
+
+    main = mod["main"]
+    body = main.body
+    returned = body.body.fields if isinstance(body.body, relax.Tuple) else [body.body]
+    outputs = {v.__hash__() for v in returned if isinstance(v, relax.Var)}
+    aliases = {b.var.__hash__(): b.value for block in body.blocks for b in block.bindings if isinstance(b.value, relax.Var)}
+    folded = 0
+    blocks = []
+    for block in body.blocks:
+        bindings = []
+        for binding in block.bindings:
+            value = binding.value
+            if binding.var.__hash__() in outputs and isinstance(value, relax.Call) and getattr(value.op, "name", "") == "relax.add":
+                lhs, rhs = value.args
+                while lhs.__hash__() in aliases:  # v = dequantized
+                    lhs = aliases[lhs.__hash__()]
+                record = dequantized.get(lhs.__hash__()) if isinstance(rhs, Constant) else None
+                new = _folded_output(record, rhs.value.numpy()) if record is not None else None
+                if new is not None:
+                    value, folded = new, folded + 1
+            bindings.append(relax.VarBinding(binding.var, value))
+        blocks.append(type(block)(bindings))
+    if not folded:
+        return mod, 0
+    result = mod.clone() if hasattr(mod, "clone") else mod
+    result["main"] = relax.Function(main.params, relax.SeqExpr(blocks, body.body), main.ret_ty, main.is_pure, main.attrs)
+    return result, folded
+
+
+def _folded_output(record: Dequantized, bias: np.ndarray) -> Any:
+    """float(acc + round(bias / r)) * r, or None when the bias is not per channel of the record's
+    rescale, a rescale is not positive, or acc + B could overflow int32."""
+    from tvm import relax
+
+    rescale = record.rescale.astype(np.float64)
+    if bias.dtype != np.float32 or bias.size not in (1, rescale.size) or not np.all(rescale > 0):
+        return None
+    if bias.size > 1 and (bias.ndim > rescale.ndim or np.broadcast_shapes(bias.shape, rescale.shape) != rescale.shape):
+        return None
+    codes = np.rint(np.broadcast_to(bias.reshape(rescale.shape if bias.size > 1 else ()), rescale.shape) / rescale)
+    if record.acc_bound + np.abs(codes).max(initial=0) >= INT32_LIMIT:
+        return None
+    op = relax.op
+    summed = op.add(record.acc, relax.const(codes.astype(np.int32)))
+    return op.multiply(op.astype(summed, "float32"), relax.const(record.rescale))
 
 
 # int32 stages that vectorize keeps as blocks of their own (names are prefixes)
@@ -315,3 +432,34 @@ def _residual_requantize_te(acc: Any, bias_codes: Any, multiplier: Any, skip: An
 
     codes = te.compute(acc.shape, code, name="requantize_code")
     return te.compute(acc.shape, lambda *index: codes[index].astype(dtype), name="requantize_cast")
+
+
+def _mean_requantize_te(acc: Any, bias_codes: Any, multiplier: Any, *, axis: int, pooled: tuple[int, ...], keepdims: bool,
+                        shifts: tuple[int, int], pool_multiplier: int, term_bounds: tuple[int, int], zero_point: int,
+                        bounds: tuple[int, int], dtype: str) -> Any:
+    """Stages: acc + B, each pixel's clipped term at the output scale x 2^F, their int32 sum over the
+    pooled axes, its code (a multiply-high by 1 / (count x 2^F)), the cast."""
+    from tvm import te, tirx
+
+    main_shift, pool_shift = shifts
+    summed = te.compute(acc.shape, lambda *index: acc[index] + bias_codes[index[axis]], name="requantize_sum")
+    term = te.compute(acc.shape, lambda *index: tirx.max(tirx.min(_rounding_shift(
+        summed[index].astype("int64") * multiplier[index[axis]].astype("int64"), main_shift), term_bounds[1]), term_bounds[0]),
+        name="requantize_term")
+    reduce_axes = [te.reduce_axis((0, acc.shape[a]), name=f"r{a}") for a in pooled]
+    kept = [a for a in range(len(acc.shape)) if a not in pooled]
+    out_shape = [1 if a in pooled else acc.shape[a] for a in range(len(acc.shape))] if keepdims else [acc.shape[a] for a in kept]
+
+    def source_index(index: tuple[Any, ...]) -> list[Any]:
+        outer = iter(index if not keepdims else [index[a] for a in kept])
+        inner = iter(reduce_axes)
+        return [next(inner) if a in pooled else next(outer) for a in range(len(acc.shape))]
+
+    total = te.compute(out_shape, lambda *index: te.sum(term[tuple(source_index(index))], axis=reduce_axes), name="requantize_pool")
+
+    def code(*index: Any) -> Any:
+        value = _rounding_shift(total[index].astype("int64") * tirx.const(pool_multiplier, "int64"), pool_shift)
+        return tirx.max(tirx.min(value + zero_point, bounds[1]), bounds[0])
+
+    codes = te.compute(out_shape, code, name="requantize_code")
+    return te.compute(out_shape, lambda *index: codes[index].astype(dtype), name="requantize_cast")

@@ -224,6 +224,23 @@ def _vectorize_innermost(sch: Any, loop_rv: Any, lanes: int, outer_anchor: Any =
     return True
 
 
+def _vectorize_with_tail(sch: Any, loop_rv: Any, lanes: int, smallest: int, tail_smallest: int) -> bool:
+    """An elementwise loop no vector width divides (80 channels): partitioned into whole vectors
+    (`_tail_width`) and the rest, which is vectorized by a narrower width down to `tail_smallest`
+    (0: none: a requantize stage's int64 products on part of a vector would be scalar anyway)
+    or left scalar. False when not even one vector fits."""
+    extent = _extent(sch, loop_rv) or 0
+    width = _tail_width(extent, lanes, smallest)
+    if width == 0:
+        return False
+    body, rest = sch.loop_partition(loop_rv, [extent - extent % width, None])
+    _, inner = sch.split(body, factors=[None, width])
+    sch.vectorize(inner)
+    if tail_smallest and _vector_width(extent % width, extent % width, tail_smallest):
+        sch.vectorize(rest)
+    return True
+
+
 def _peel_tails(sch: Any, tails: list[tuple[Any, int]]) -> int:
     """Splits each loop over vectors with a predicated last vector into the whole vectors and that
     last one (`loop_partition`): the first loop's predicate is then always true and simplifies away,
@@ -409,22 +426,22 @@ def schedule_kernel(func: Any, vector_bits: int, vector_float: bool, constant_pa
             # the innermost loop alone, when a vector width divides it: fused with the loops around
             # it, a vector crosses rows and TVM vectorizes its `fused // W` indices lane by lane;
             # except (pixel, channel) of a block whose accesses stay runs when fused (_vectorize_fused_rows)
-            tailed = len(tails)
             if not _vector_width(_extent(sch, loops[-1]) or 0, lanes, smallest):
                 if _vectorize_fused_rows(sch, block_rv, loops, lanes, smallest):
                     stats["vectorized_loops"] += 1
                     stats["fused_row_blocks"] += 1
-                elif _vectorize_innermost(sch, loops[-1], lanes, smallest=smallest, tails=tails):
+                elif _vectorize_with_tail(sch, loops[-1], lanes, smallest, 0 if 'T.Cast("int64"' in block.body.script() else lanes // 2):
                     stats["vectorized_loops"] += 1
+                    stats["tails_peeled"] += 1
+                    continue  # (the partition made blocks of their own: no parallel loop over them)
                 else:
                     stats["rows_left_scalar"] += 1
             elif _vectorize_innermost(sch, loops[-1], lanes, smallest=smallest):
                 stats["vectorized_loops"] += 1
-            # a large elementwise pass shares the thread pool too (not one with a tail: its loop over
-            # vectors must stay a loop of its own for _peel_tails)
-            if parallel and len(tails) == tailed and _parallel_elementwise(sch, block_rv):
+            # a large elementwise pass shares the thread pool too
+            if parallel and _parallel_elementwise(sch, block_rv):
                 stats["parallel_loops"] += 1
-    stats["tails_peeled"] = _peel_tails(sch, tails)
+    stats["tails_peeled"] += _peel_tails(sch, tails)
     return sch.mod["main"], stats, relayout
 
 

@@ -111,6 +111,57 @@ def test_int8_mlp_block_under_qemu_hexagon_is_bit_identical_to_host(tmp_path: Pa
     assert any("requantize" in name and k["vector_share"] >= 0.75 for name, k in matmuls.items()), matmuls
 
 
+def _pooled_cnn(path: Path) -> Path:
+    """x[1,8,6,6] -> Conv 3x3 (64) + bias -> Clip(0, 6) -> GlobalAveragePool -> Flatten -> Gemm(64x10):
+    the tail of MobileNetV2 (its last conv, ReLU6, the pool and the classifier)."""
+    rng = np.random.default_rng(5)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((64, 8, 3, 3)) * 0.2).astype(np.float32), "W"),
+        numpy_helper.from_array((rng.standard_normal(64) * 0.1).astype(np.float32), "B"),
+        numpy_helper.from_array((rng.standard_normal((64, 10)) * 0.3).astype(np.float32), "G"),
+        numpy_helper.from_array((rng.standard_normal(10) * 0.1).astype(np.float32), "GB"),
+        numpy_helper.from_array(np.array(0, np.float32), "lo"),
+        numpy_helper.from_array(np.array(6, np.float32), "hi"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "W", "B"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node("Clip", ["c", "lo", "hi"], ["r"], name="relu6"),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "G", "GB"], ["y"], name="classifier"),
+    ]
+    graph = helper.make_graph(nodes, "pooled_cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_int8_pool_and_classifier_run_in_integer_under_qemu_hexagon(tmp_path: Path) -> None:
+    """The conv's ReLU6 epilogue and the global average pool requantize in integer (the pool sums
+    per-pixel fixed-point terms), and the classifier's bias goes into its int32 accumulator: no float
+    but the logits' one multiply, so the conv and the pool are HVX; hexagon = host bit for bit."""
+    model = _pooled_cnn(tmp_path / "pooled.onnx")
+    rng = np.random.default_rng(1)
+    calibration = tmp_path / "calibration.npz"
+    np.savez(calibration, x=rng.standard_normal((16, 1, 8, 6, 6)).astype(np.float32))
+    built = {t: api.compile(model, t, tmp_path / f"pooled.{t}", quantize="int8", calibration=calibration, progress=False,
+                            requantize="integer" if t == "host" else None, layout="NHWC")
+             for t in ("host", "hexagon-v73")}
+    float_requantize = api.compile(model, "host", tmp_path / "pooled.float", quantize="int8", calibration=calibration, progress=False)
+    quant = built["hexagon-v73"].manifest["quantization"]
+    assert quant["integer_mean_pools"] == 1 and quant["integer_output_biases"] == 1
+    reference = ort.InferenceSession(str(model))
+    for _ in range(4):
+        x = {"x": rng.standard_normal((1, 8, 6, 6)).astype(np.float32)}
+        np.testing.assert_array_equal(built["hexagon-v73"].run(x)["y"], built["host"].run(x)["y"])
+        expected = reference.run(None, x)[0]
+        # as close to onnxruntime as the float-requantize build (one output step of the pool's input)
+        assert np.abs(built["host"].run(x)["y"] - expected).max() <= np.abs(float_requantize.run(x)["y"] - expected).max() + 0.02
+    code = built["hexagon-v73"].manifest["code"]["kernels"]
+    integer = {name: k for name, k in code.items() if "conv2d" in name or "requantize_mean" in name}
+    assert len(integer) == 2 and all(k["vector_share"] >= 0.5 for k in integer.values()), code
+
+
 def test_float_model_under_qemu_hexagon_matches_onnxruntime(digits: dict, tmp_path: Path) -> None:
     # through the CLI with a relative output path (the linker runs in the staging folder)
     result = run_socc("compile", digits["model"], "--target", "hexagon-v73", "--shape", "image=1,1,8,8", "-o", "digits.float",

@@ -84,9 +84,11 @@ def test_per_channel_block_with_a_channel_tail_is_exact() -> None:
     import tvm
 
     # 80 channels on a 3x3 map: neither 80 nor the 720-element run splits into whole 32-lane
-    # vectors at a period of 80; two vectors per pixel and a 16-channel scalar tail
+    # vectors at a period of 80; two vectors per pixel and a 16-channel tail, on half a vector
+    # (no int64 product in this stage; a multiply-high stage's tail stays scalar)
     scheduled, stats, _ = schedule_kernel(_per_channel_add(80, pixels=3), vector_bits=1024, vector_float=False)
     assert stats["tails_peeled"] == 1 and stats["rows_left_scalar"] == 0
+    assert re.search(r"T\.vectorized\(32\)", scheduled.script()) and re.search(r"T\.vectorized\(64, 80\)", scheduled.script())
     lib = tvm.compile(tvm.IRModule({"main": scheduled}), target="llvm")
     rng = np.random.default_rng(80)
     acc = rng.integers(-1000, 1000, (1, 3, 3, 80), dtype=np.int32)
