@@ -921,8 +921,8 @@ class _Rewriter:
         """x quantized for `layer` in integer arithmetic from the accumulator of the int8 layer that
         made it, when x is that layer's dequantized output plus a constant bias, through a ReLU or
         clip; None otherwise (the float quantize is used)."""
-        from .requantize import (Skip, integer_mean_requantize, integer_requantize, integer_residual_requantize, trace_epilogue, trace_mean,
-                                 trace_residual)
+        from .requantize import (Skip, integer_dual_residual_requantize, integer_mean_requantize, integer_requantize,
+                                 integer_residual_requantize, trace_epilogue, trace_mean, trace_residual)
 
         found = trace_epilogue(mutator, x, self.dequantized, self.model_biases)
         if found is not None:
@@ -936,7 +936,7 @@ class _Rewriter:
                     return Skip(codes, scale, zero_point)
             return None
 
-        pooled = trace_mean(mutator, x, self.dequantized, self.model_biases)
+        pooled = trace_mean(mutator, x, self.dequantized, self.model_biases, quantized)
         if pooled is not None:
             expr = integer_mean_requantize(mutator, *pooled, layer.scale, layer.zero_point, self.act_dtype)
             self.pools_requantized += expr is not None
@@ -945,7 +945,9 @@ class _Rewriter:
         residual = trace_residual(mutator, x, self.dequantized, self.model_biases, quantized)
         if residual is None:
             return None
-        expr = integer_residual_requantize(mutator, *residual, layer.scale, layer.zero_point, self.act_dtype)
+        epilogue, skip = residual
+        requantize = integer_residual_requantize if isinstance(skip, Skip) else integer_dual_residual_requantize
+        expr = requantize(mutator, epilogue, skip, layer.scale, layer.zero_point, self.act_dtype)
         self.residuals_requantized += expr is not None
         return expr
 

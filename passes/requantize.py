@@ -172,10 +172,11 @@ def _peel_activations(mutator: Any, x: Any) -> tuple[Any, float, float]:
 
 
 def trace_residual(mutator: Any, x: Any, dequantized: dict[int, Dequantized], model_biases: dict[int, np.ndarray],
-                   quantized: Any) -> tuple[Epilogue, Skip] | None:
+                   quantized: Any) -> tuple[Epilogue, Skip | Epilogue] | None:
     """x's chain back to [relu | clip] add(an int8 layer's output with its bias, skip), where
-    `quantized(skip)` gives skip's 8-bit form (a Skip) or None. The layer's output must have no
-    activation of its own; the epilogue returned carries the bounds of the one after the add."""
+    `quantized(skip)` gives skip's 8-bit form (a Skip) or None; failing that, skip may be another
+    int8 layer's output with its bias (an Epilogue). Neither layer's output may have an activation
+    of its own; the epilogue returned carries the bounds of the one after the add."""
     from tvm import relax
 
     found, low, high = _peel_activations(mutator, x)
@@ -186,11 +187,20 @@ def trace_residual(mutator: Any, x: Any, dequantized: dict[int, Dequantized], mo
         if not isinstance(other, relax.Var):
             continue
         epilogue = trace_epilogue(mutator, main, dequantized, model_biases)
+        # the skip: 8-bit codes some layer's quantize made, else another int8 layer's output with
+        # its bias and no activation (a downsample block's 1x1 conv)
         skip = quantized(other)
+        if skip is None:
+            skip = trace_epilogue(mutator, other, dequantized, model_biases)
+            if skip is not None and (skip.low > -math.inf or skip.high < math.inf):
+                skip = None
         if epilogue is None or epilogue.low > -math.inf or epilogue.high < math.inf or skip is None:
             continue
-        if [str(d) for d in skip.codes.ty.shape] != [str(d) for d in epilogue.source.acc.ty.shape]:
+        skip_shape = skip.codes.ty.shape if isinstance(skip, Skip) else skip.source.acc.ty.shape
+        if [str(d) for d in skip_shape] != [str(d) for d in epilogue.source.acc.ty.shape]:
             continue  # a broadcast add (dims compared as printed: a symbolic one has no int)
+        if isinstance(skip, Epilogue) and _channel_axis(skip) != _channel_axis(epilogue):
+            continue
         epilogue.low, epilogue.high = low, high
         return epilogue, skip
     return None
@@ -276,51 +286,69 @@ def integer_residual_requantize(mutator: Any, epilogue: Epilogue, skip: Skip, sc
                                     dtype=dtype, primfunc_name_hint="requantize_residual")
 
 
-def trace_mean(mutator: Any, x: Any, dequantized: dict[int, Dequantized], model_biases: dict[int, np.ndarray]) -> tuple[Epilogue, list[int], bool] | None:
-    """x's chain back to mean(an int8 layer's epilogue) over axes other than its channel axis:
-    (the epilogue, the pooled axes, keepdims); None otherwise."""
+def trace_mean(mutator: Any, x: Any, dequantized: dict[int, Dequantized], model_biases: dict[int, np.ndarray],
+               quantized: Any) -> tuple[Epilogue, Skip | Epilogue | None, list[int], bool] | None:
+    """x's chain back to mean(y) over axes other than the channel axis, y an int8 layer's epilogue
+    or a residual add (`trace_residual`): (the epilogue, the residual's skip or None, the pooled
+    axes, keepdims); None otherwise."""
     from tvm import relax
 
     found = resolve(mutator, x)
     if found is None or not isinstance(found[1], relax.Call) or getattr(found[1].op, "name", "") != "relax.mean":
         return None
     call = found[1]
-    epilogue = trace_epilogue(mutator, call.args[0], dequantized, model_biases)
+    epilogue, skip = trace_epilogue(mutator, call.args[0], dequantized, model_biases), None
+    if epilogue is None:
+        epilogue, skip = trace_residual(mutator, call.args[0], dequantized, model_biases, quantized) or (None, None)
     if epilogue is None or call.attrs.axis is None:
         return None
     rank = len(epilogue.source.acc.ty.shape)
     axes = sorted(int(a) % rank for a in call.attrs.axis)
     if _channel_axis(epilogue) in axes:
         return None
-    return epilogue, axes, bool(call.attrs.keepdims)
+    return epilogue, skip, axes, bool(call.attrs.keepdims)
 
 
-def integer_mean_requantize(mutator: Any, epilogue: Epilogue, axes: list[int], keepdims: bool, scale: float, zero_point: int, dtype: str) -> Any:
-    """The pooled layer's integer requantize (module docstring); None when a pooled dim is symbolic,
-    the layer's multiplier leaves fewer than POOL_MIN_FRACTION_BITS with a high-word shift, or
-    the sum could overflow int32."""
+def integer_mean_requantize(mutator: Any, epilogue: Epilogue, skip: Skip | Epilogue | None, axes: list[int], keepdims: bool,
+                            scale: float, zero_point: int, dtype: str) -> Any:
+    """The pool's integer requantize (module docstring), of a layer's output or of a residual add
+    (each pixel's term is then the sum of both terms, as in the residual requantize); None when a
+    pooled dim is symbolic, the multipliers leave fewer than POOL_MIN_FRACTION_BITS with high-word
+    shifts, or the sum could overflow int32."""
     from tvm import relax, tirx
 
-    bias_codes = _bias_codes(epilogue)
     dims = [epilogue.source.acc.ty.shape[a] for a in axes]
-    if bias_codes is None or not all(isinstance(d, tirx.IntImm) for d in dims):
+    layers = [epilogue] if not isinstance(skip, Epilogue) else [epilogue, skip]
+    biases = [_bias_codes(e) for e in layers]
+    if any(b is None for b in biases) or not all(isinstance(d, tirx.IntImm) for d in dims):
         return None
     count = int(np.prod([int(d) for d in dims]))
-    main_multiplier = epilogue.source.rescale.astype(np.float64) / scale
-    fraction = min(RESIDUAL_FRACTION_BITS, 30 - math.floor(math.log2(float(main_multiplier.max()))) - HIGH_WORD_SHIFT)
+    multipliers = [e.source.rescale.astype(np.float64) / scale for e in layers]
+    fraction = min(RESIDUAL_FRACTION_BITS, 30 - math.floor(math.log2(max(float(m.max()) for m in multipliers))) - HIGH_WORD_SHIFT)
     if fraction < POOL_MIN_FRACTION_BITS:
         return None
-    multiplier, shift = fixed_point(main_multiplier * 2.0 ** fraction)
-    unbounded = (epilogue.source.acc_bound + np.abs(bias_codes).max(initial=0)) * main_multiplier.max() * 2.0 ** fraction + 1
-    low, high = (-unbounded if epilogue.low == -math.inf else epilogue.low / scale * 2.0 ** fraction,
-                 unbounded if epilogue.high == math.inf else epilogue.high / scale * 2.0 ** fraction)
+    fixed = [fixed_point(m * 2.0 ** fraction) for m in multipliers]
+    unbounded = sum((e.source.acc_bound + np.abs(b).max(initial=0)) * m.max() * 2.0 ** fraction for e, b, m in zip(layers, biases, multipliers))
+    args = [value for e, b, (m, _) in zip(layers, biases, fixed)
+            for value in (e.source.acc, relax.const(b.astype(np.int32).reshape(-1)), relax.const(m.reshape(-1)))]
+    shifts = [shift for _, shift in fixed]
+    codes = None
+    if isinstance(skip, Skip):
+        skip_fixed, skip_shift = fixed_point(np.array([skip.scale / scale * 2.0 ** (fraction - SKIP_LEFT_SHIFT)]))
+        if skip_shift < HIGH_WORD_SHIFT:
+            return None
+        unbounded += 255 * skip.scale / scale * 2.0 ** fraction
+        args.append(skip.codes)
+        shifts.append(skip_shift)
+        codes = (skip.zero_point, int(skip_fixed[0]))
+    low, high = (-unbounded - 1 if epilogue.low == -math.inf else epilogue.low / scale * 2.0 ** fraction,
+                 unbounded + 1 if epilogue.high == math.inf else epilogue.high / scale * 2.0 ** fraction)
     term_bounds = (int(np.clip(np.rint(low), -INT32_LIMIT + 1, INT32_LIMIT - 1)), int(np.clip(np.rint(high), -INT32_LIMIT + 1, INT32_LIMIT - 1)))
-    if count * max(abs(term_bounds[0]), abs(term_bounds[1])) >= INT32_LIMIT // 2:
+    if unbounded >= INT32_LIMIT // 4 or count * max(abs(term_bounds[0]), abs(term_bounds[1])) >= INT32_LIMIT // 2:
         return None
     pool_multiplier, pool_shift = fixed_point(np.array([1.0 / (count * 2.0 ** fraction)]))
-    return mutator.builder_.call_te(_mean_requantize_te, epilogue.source.acc, relax.const(bias_codes.astype(np.int32).reshape(-1)),
-                                    relax.const(multiplier.reshape(-1)), axis=_channel_axis(epilogue), pooled=tuple(axes), keepdims=keepdims,
-                                    shifts=(shift, pool_shift), pool_multiplier=int(pool_multiplier[0]), term_bounds=term_bounds,
+    return mutator.builder_.call_te(_mean_requantize_te, *args, axis=_channel_axis(epilogue), pooled=tuple(axes), keepdims=keepdims,
+                                    shifts=tuple(shifts), codes=codes, pool=(int(pool_multiplier[0]), pool_shift), term_bounds=term_bounds,
                                     zero_point=zero_point, bounds=_clip_bounds(epilogue, scale, zero_point, dtype), dtype=dtype,
                                     primfunc_name_hint="requantize_mean")
 
@@ -381,6 +409,33 @@ def _folded_output(record: Dequantized, bias: np.ndarray) -> Any:
     return op.multiply(op.astype(summed, "float32"), relax.const(record.rescale))
 
 
+def integer_dual_residual_requantize(mutator: Any, epilogue: Epilogue, other: Epilogue, scale: float, zero_point: int, dtype: str) -> Any:
+    """A residual add of two int8 layers' outputs (with their biases), requantized in integer: each
+    accumulator goes to the output scale with F fractional bits by its own multiply-high, then the
+    rounded sum, zero point, clip. None when a term could overflow int32 or the multipliers leave
+    fewer than RESIDUAL_MIN_FRACTION_BITS with high-word shifts."""
+    from tvm import relax
+
+    biases = _bias_codes(epilogue), _bias_codes(other)
+    if biases[0] is None or biases[1] is None:
+        return None
+    multipliers = [e.source.rescale.astype(np.float64) / scale for e in (epilogue, other)]
+    largest = max(float(m.max()) for m in multipliers)
+    fraction = min(RESIDUAL_FRACTION_BITS, 30 - math.floor(math.log2(largest)) - HIGH_WORD_SHIFT)
+    if fraction < RESIDUAL_MIN_FRACTION_BITS:
+        return None
+    fixed = [fixed_point(m * 2.0 ** fraction) for m in multipliers]
+    bound = sum((e.source.acc_bound + np.abs(b).max(initial=0)) * m.max() * 2.0 ** fraction
+                for e, b, m in zip((epilogue, other), biases, multipliers))
+    if min(f[1] for f in fixed) < HIGH_WORD_SHIFT or bound + 2.0 ** fraction >= INT32_LIMIT / 2:
+        return None
+    return mutator.builder_.call_te(_dual_residual_requantize_te, epilogue.source.acc, relax.const(biases[0].astype(np.int32).reshape(-1)),
+                                    relax.const(fixed[0][0].reshape(-1)), other.source.acc, relax.const(biases[1].astype(np.int32).reshape(-1)),
+                                    relax.const(fixed[1][0].reshape(-1)), axis=_channel_axis(epilogue), shifts=(fixed[0][1], fixed[1][1], fraction),
+                                    zero_point=zero_point, bounds=_clip_bounds(epilogue, scale, zero_point, dtype), dtype=dtype,
+                                    primfunc_name_hint="requantize_residual")
+
+
 # int32 stages that vectorize keeps as blocks of their own (names are prefixes)
 REQUANTIZE_STAGES = ("requantize_sum", "requantize_code", "requantize_term", "requantize_skip")
 
@@ -391,16 +446,11 @@ def _requantize_te(acc: Any, bias_codes: Any, multiplier: Any, *, axis: int, shi
     TVM widens `int64(acc + B)` to `int64(acc) + int64(B)`, and a product of that sum is a full
     64-bit multiply (HVX has none); as its own stage, the product is int32 x int32 -> int64, which
     LLVM makes a multiply-high (HVX vmpye/vmpyo)."""
-    from tvm import te, tirx
+    from tvm import te
 
     summed = te.compute(acc.shape, lambda *index: acc[index] + bias_codes[index[axis]], name=REQUANTIZE_STAGES[0])
-
-    def code(*index: Any) -> Any:
-        value = _rounding_shift(summed[index].astype("int64") * multiplier[index[axis]].astype("int64"), shift)
-        return tirx.max(tirx.min(value + zero_point, bounds[1]), bounds[0])
-
-    codes = te.compute(acc.shape, code, name=REQUANTIZE_STAGES[1])
-    return te.compute(acc.shape, lambda *index: codes[index].astype(dtype), name="requantize_cast")
+    return _code_and_cast(lambda *index: _rounding_shift(summed[index].astype("int64") * multiplier[index[axis]].astype("int64"), shift),
+                          acc.shape, zero_point, bounds, dtype)
 
 
 def _rounding_shift(value: Any, shift: int) -> Any:
@@ -410,42 +460,69 @@ def _rounding_shift(value: Any, shift: int) -> Any:
     return ((value + tirx.const(1 << (shift - 1), "int64")) >> tirx.const(shift, "int64")).astype("int32")
 
 
+def _layer_term(acc: Any, bias_codes: Any, multiplier: Any, shift: int, axis: int, name: str) -> Any:
+    """((acc + B) * M) >> S per channel, as two stages (`<name>_sum`, `<name>_term`): the product a
+    multiply-high of its own stage (in one expression TVM would widen the sum to 64 bits)."""
+    from tvm import te
+
+    summed = te.compute(acc.shape, lambda *index: acc[index] + bias_codes[index[axis]], name=f"{name}_sum")
+    return te.compute(acc.shape, lambda *index: _rounding_shift(
+        summed[index].astype("int64") * multiplier[index[axis]].astype("int64"), shift), name=f"{name}_term")
+
+
+def _codes_term(codes: Any, zero_point: int, multiplier: int, shift: int) -> Any:
+    """(((q' - z') << L) * M') >> S' for an 8-bit skip tensor, as two stages."""
+    from tvm import te, tirx
+
+    shifted = te.compute(codes.shape, lambda *index: (codes[index].astype("int32") - zero_point) << SKIP_LEFT_SHIFT, name="requantize_skip")
+    return te.compute(codes.shape, lambda *index: _rounding_shift(
+        shifted[index].astype("int64") * tirx.const(multiplier, "int64"), shift), name="requantize_skip_term")
+
+
+def _code_and_cast(value: Any, shape: Any, zero_point: int, bounds: tuple[int, int], dtype: str) -> Any:
+    """clip(value + z, lo, hi) as int32 (`requantize_code`), then its cast to 8 bits."""
+    from tvm import te, tirx
+
+    codes = te.compute(shape, lambda *index: tirx.max(tirx.min(value(*index) + zero_point, bounds[1]), bounds[0]), name="requantize_code")
+    return te.compute(shape, lambda *index: codes[index].astype(dtype), name="requantize_cast")
+
+
 def _residual_requantize_te(acc: Any, bias_codes: Any, multiplier: Any, skip: Any, *, axis: int, shifts: tuple[int, int, int],
                             skip_multiplier: int, zero_points: tuple[int, int], bounds: tuple[int, int], dtype: str) -> Any:
     """Stages as in _requantize_te, each product a multiply-high of its own stage (in one expression
     TVM would fold the zero point into a 64-bit constant): acc + B and its term, (q' - z') << L and
     its term, their rounded sum's clipped code, the cast."""
-    from tvm import te, tirx
-
     main_shift, skip_shift, fraction = shifts
     skip_zero, zero_point = zero_points
-    summed = te.compute(acc.shape, lambda *index: acc[index] + bias_codes[index[axis]], name="requantize_sum")
-    main = te.compute(acc.shape, lambda *index: _rounding_shift(
-        summed[index].astype("int64") * multiplier[index[axis]].astype("int64"), main_shift), name="requantize_term")
-    shifted = te.compute(acc.shape, lambda *index: (skip[index].astype("int32") - skip_zero) << SKIP_LEFT_SHIFT, name="requantize_skip")
-    other = te.compute(acc.shape, lambda *index: _rounding_shift(
-        shifted[index].astype("int64") * tirx.const(skip_multiplier, "int64"), skip_shift), name="requantize_skip_term")
-
-    def code(*index: Any) -> Any:
-        value = (main[index] + other[index] + (1 << (fraction - 1))) >> fraction
-        return tirx.max(tirx.min(value + zero_point, bounds[1]), bounds[0])
-
-    codes = te.compute(acc.shape, code, name="requantize_code")
-    return te.compute(acc.shape, lambda *index: codes[index].astype(dtype), name="requantize_cast")
+    main = _layer_term(acc, bias_codes, multiplier, main_shift, axis, "requantize")
+    other = _codes_term(skip, skip_zero, skip_multiplier, skip_shift)
+    return _code_and_cast(lambda *index: (main[index] + other[index] + (1 << (fraction - 1))) >> fraction, acc.shape, zero_point, bounds, dtype)
 
 
-def _mean_requantize_te(acc: Any, bias_codes: Any, multiplier: Any, *, axis: int, pooled: tuple[int, ...], keepdims: bool,
-                        shifts: tuple[int, int], pool_multiplier: int, term_bounds: tuple[int, int], zero_point: int,
-                        bounds: tuple[int, int], dtype: str) -> Any:
-    """Stages: acc + B, each pixel's clipped term at the output scale x 2^F, their int32 sum over the
-    pooled axes, its code (a multiply-high by 1 / (count x 2^F)), the cast."""
+def _dual_residual_requantize_te(acc: Any, bias_codes: Any, multiplier: Any, other: Any, other_bias: Any, other_multiplier: Any, *,
+                                 axis: int, shifts: tuple[int, int, int], zero_point: int, bounds: tuple[int, int], dtype: str) -> Any:
+    """Stages as in _residual_requantize_te, the skip's term from its own accumulator and bias."""
+    main_shift, other_shift, fraction = shifts
+    main = _layer_term(acc, bias_codes, multiplier, main_shift, axis, "requantize")
+    skip = _layer_term(other, other_bias, other_multiplier, other_shift, axis, "requantize_skip")
+    return _code_and_cast(lambda *index: (main[index] + skip[index] + (1 << (fraction - 1))) >> fraction, acc.shape, zero_point, bounds, dtype)
+
+
+def _mean_requantize_te(acc: Any, bias_codes: Any, multiplier: Any, *skip: Any, axis: int, pooled: tuple[int, ...], keepdims: bool,
+                        shifts: tuple[int, ...], codes: tuple[int, int] | None, pool: tuple[int, int], term_bounds: tuple[int, int],
+                        zero_point: int, bounds: tuple[int, int], dtype: str) -> Any:
+    """Stages: each pixel's term at the output scale x 2^F (a layer's, or a residual add's two terms
+    summed) clipped to the activation's bounds there, their int32 sum over the pooled axes, its code
+    (a multiply-high by 1 / (count x 2^F)), the cast."""
     from tvm import te, tirx
 
-    main_shift, pool_shift = shifts
-    summed = te.compute(acc.shape, lambda *index: acc[index] + bias_codes[index[axis]], name="requantize_sum")
-    term = te.compute(acc.shape, lambda *index: tirx.max(tirx.min(_rounding_shift(
-        summed[index].astype("int64") * multiplier[index[axis]].astype("int64"), main_shift), term_bounds[1]), term_bounds[0]),
-        name="requantize_term")
+    terms = [_layer_term(acc, bias_codes, multiplier, shifts[0], axis, "requantize")]
+    if codes is not None:
+        terms.append(_codes_term(skip[0], codes[0], codes[1], shifts[1]))
+    elif skip:
+        terms.append(_layer_term(skip[0], skip[1], skip[2], shifts[1], axis, "requantize_skip"))
+    term = te.compute(acc.shape, lambda *index: tirx.max(tirx.min(sum(t[index] for t in terms[1:]) + terms[0][index] if len(terms) > 1
+                                                                  else terms[0][index], term_bounds[1]), term_bounds[0]), name="requantize_term_clip")
     reduce_axes = [te.reduce_axis((0, acc.shape[a]), name=f"r{a}") for a in pooled]
     kept = [a for a in range(len(acc.shape)) if a not in pooled]
     out_shape = [1 if a in pooled else acc.shape[a] for a in range(len(acc.shape))] if keepdims else [acc.shape[a] for a in kept]
@@ -456,10 +533,6 @@ def _mean_requantize_te(acc: Any, bias_codes: Any, multiplier: Any, *, axis: int
         return [next(inner) if a in pooled else next(outer) for a in range(len(acc.shape))]
 
     total = te.compute(out_shape, lambda *index: te.sum(term[tuple(source_index(index))], axis=reduce_axes), name="requantize_pool")
-
-    def code(*index: Any) -> Any:
-        value = _rounding_shift(total[index].astype("int64") * tirx.const(pool_multiplier, "int64"), pool_shift)
-        return tirx.max(tirx.min(value + zero_point, bounds[1]), bounds[0])
-
-    codes = te.compute(out_shape, code, name="requantize_code")
-    return te.compute(out_shape, lambda *index: codes[index].astype(dtype), name="requantize_cast")
+    pool_multiplier, pool_shift = pool
+    return _code_and_cast(lambda *index: _rounding_shift(total[index].astype("int64") * tirx.const(pool_multiplier, "int64"), pool_shift),
+                          out_shape, zero_point, bounds, dtype)
