@@ -126,11 +126,15 @@ def _pooled_cnn(path: Path) -> Path:
     nodes = [
         helper.make_node("Conv", ["x", "W", "B"], ["c"], pads=[1, 1, 1, 1], name="conv"),
         helper.make_node("Clip", ["c", "lo", "hi"], ["r"], name="relu6"),
-        helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
-        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
-        helper.make_node("Gemm", ["f", "G", "GB"], ["y"], name="classifier"),
     ]
-    graph = helper.make_graph(nodes, "pooled_cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 6, 6])],
+    return _with_pooled_classifier(path, "pooled_cnn", nodes, "r", inits, [1, 8, 6, 6])
+
+
+def _with_pooled_classifier(path: Path, name: str, nodes: list, features: str, inits: list, x_shape: list[int]) -> Path:
+    """Saves the graph `nodes` (input x) followed by GlobalAveragePool -> Flatten -> Gemm(G, GB) -> y[1, 10]."""
+    nodes = [*nodes, helper.make_node("GlobalAveragePool", [features], ["p"], name="pool"),
+             helper.make_node("Flatten", ["p"], ["f"], name="flatten"), helper.make_node("Gemm", ["f", "G", "GB"], ["y"], name="classifier")]
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])], inits)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     return path
@@ -169,14 +173,8 @@ def _downsample_block(path: Path) -> Path:
         helper.make_node("Conv", ["r3", "W4", "B4"], ["c4"], pads=[1, 1, 1, 1], name="conv4"),
         helper.make_node("Add", ["c4", "r"], ["s2"], name="residual2"),
         helper.make_node("Relu", ["s2"], ["r4"], name="relu4"),
-        helper.make_node("GlobalAveragePool", ["r4"], ["p"], name="pool"),
-        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
-        helper.make_node("Gemm", ["f", "G", "GB"], ["y"], name="classifier"),
     ]
-    graph = helper.make_graph(nodes, "downsample_block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])], inits)
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    return path
+    return _with_pooled_classifier(path, "downsample_block", nodes, "r4", inits, [1, 16, 8, 8])
 
 
 @pytest.mark.parametrize("builder", [_pooled_cnn, _downsample_block])
