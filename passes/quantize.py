@@ -125,7 +125,7 @@ def _rewrite(mod: Any, layers: list[Layer], options: dict[str, Any], stats: dict
     rewriter = _Rewriter(mod, {id_of(layer.call): layer for layer in layers if layer.mode != "float"}, options)
     mod = rewriter.rewrite()
     if rewriter.integer_requantize:
-        mod, stats["integer_output_biases"] = fold_output_biases(mod, rewriter.dequantized)
+        mod, stats["integer_output_biases"] = fold_output_biases(mod, rewriter.dequantized, set(rewriter.offsets))
         stats["requantize"] = "integer"
         stats["integer_requantized"] = rewriter.requantized
         stats["integer_residual_adds"] = rewriter.residuals_requantized

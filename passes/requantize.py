@@ -353,13 +353,14 @@ def integer_mean_requantize(mutator: Any, epilogue: Epilogue, skip: Skip | Epilo
                                     primfunc_name_hint="requantize_mean")
 
 
-def fold_output_biases(mod: Any, dequantized: dict[int, Dequantized]) -> tuple[Any, int]:
+def fold_output_biases(mod: Any, dequantized: dict[int, Dequantized], shifted: set[int] = frozenset()) -> tuple[Any, int]:
     """Integer requantize's form for a layer whose float output is the model's output (a
     classifier's logits): `float(acc) * r` then `+ b` (and the max that keeps the two apart) becomes
     `float(acc + B) * r` with B = round(b / r) per channel in the accumulator, as quantized runtimes
     keep a bias: one int32 add and two float ops, where the float ones are scalar (Hexagon under
     qemu). Nothing follows the multiply in the model, so no fused multiply-add can form. Returns
-    the module and how many outputs were folded."""
+    the module and how many outputs were folded. `shifted`: the vars that already add the layer's
+    zero-point offset (a bias added to one of those is the model's alone: left as it is)."""
     from tvm import relax
     from tvm.ir.expr import Constant
 
@@ -378,7 +379,7 @@ def fold_output_biases(mod: Any, dequantized: dict[int, Dequantized]) -> tuple[A
                 lhs, rhs = value.args
                 while lhs.__hash__() in aliases:  # v = dequantized
                     lhs = aliases[lhs.__hash__()]
-                record = dequantized.get(lhs.__hash__()) if isinstance(rhs, Constant) else None
+                record = dequantized.get(lhs.__hash__()) if isinstance(rhs, Constant) and lhs.__hash__() not in shifted else None
                 new = _folded_output(record, rhs.value.numpy()) if record is not None else None
                 if new is not None:
                     value, folded = new, folded + 1
