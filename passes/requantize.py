@@ -383,7 +383,7 @@ def fold_output_biases(mod: Any, dequantized: dict[int, Dequantized], shifted: s
                 new = _folded_output(record, rhs.value.numpy()) if record is not None else None
                 if new is not None:
                     value, folded = new, folded + 1
-            bindings.append(relax.VarBinding(binding.var, value))
+            bindings.append(binding if value.same_as(binding.value) else relax.VarBinding(binding.var, value))  # (MatchCasts kept)
         blocks.append(type(block)(bindings))
     if not folded:
         return mod, 0
@@ -398,9 +398,9 @@ def _folded_output(record: Dequantized, bias: np.ndarray) -> Any:
     from tvm import relax
 
     rescale = record.rescale.astype(np.float64)
-    if bias.dtype != np.float32 or bias.size not in (1, rescale.size) or not np.all(rescale > 0):
-        return None
-    if bias.size > 1 and (bias.ndim > rescale.ndim or np.broadcast_shapes(bias.shape, rescale.shape) != rescale.shape):
+    if bias.dtype != np.float32 or bias.size not in (1, rescale.size) or bias.ndim > rescale.ndim or not np.all(rescale > 0):
+        return None  # (a size-1 bias of more dims would broadcast the output to more dims)
+    if bias.size > 1 and np.broadcast_shapes(bias.shape, rescale.shape) != rescale.shape:
         return None
     codes = np.rint(np.broadcast_to(bias.reshape(rescale.shape if bias.size > 1 else ()), rescale.shape) / rescale)
     if record.acc_bound + np.abs(codes).max(initial=0) >= INT32_LIMIT:

@@ -226,9 +226,9 @@ def _vectorize_innermost(sch: Any, loop_rv: Any, lanes: int, outer_anchor: Any =
 
 def _vectorize_with_tail(sch: Any, loop_rv: Any, lanes: int, smallest: int, tail_smallest: int) -> bool:
     """An elementwise loop no vector width divides (80 channels): partitioned into whole vectors
-    (`_tail_width`) and the rest, which is vectorized by a narrower width down to `tail_smallest`
-    (0: none: a requantize stage's int64 products on part of a vector would be scalar anyway)
-    or left scalar. False when not even one vector fits."""
+    (`_tail_width`) and the rest, which is one vector of its own when its length is a power of two
+    of at least `tail_smallest` (0: never: a requantize stage's int64 products on part of a vector
+    would be scalar anyway), else scalar. False when not even one vector fits."""
     extent = _extent(sch, loop_rv) or 0
     width = _tail_width(extent, lanes, smallest)
     if width == 0:
@@ -236,7 +236,9 @@ def _vectorize_with_tail(sch: Any, loop_rv: Any, lanes: int, smallest: int, tail
     body, rest = sch.loop_partition(loop_rv, [extent - extent % width, None])
     _, inner = sch.split(body, factors=[None, width])
     sch.vectorize(inner)
-    if tail_smallest and _vector_width(extent % width, extent % width, tail_smallest):
+    rest_extent = extent % width
+    # a power of two only: odd widths (24 x i32) gave wrong int8 results under qemu-hexagon
+    if tail_smallest and rest_extent >= tail_smallest and rest_extent & (rest_extent - 1) == 0:
         sch.vectorize(rest)
     return True
 
