@@ -259,6 +259,17 @@ SKIP_LEFT_SHIFT = 20  # (q' - z') << 20 stays under 2^28
 HIGH_WORD_SHIFT = 33  # the least shift whose rounding constant has no bit in the low word
 
 
+def _fraction_bits(largest_multiplier: float) -> int:
+    """F for terms at the output scale x 2^F: at most RESIDUAL_FRACTION_BITS, and fixed_point's shift
+    for that multiplier x 2^F (30 - floor(log2(m)) - F) at least HIGH_WORD_SHIFT."""
+    return min(RESIDUAL_FRACTION_BITS, 30 - math.floor(math.log2(largest_multiplier)) - HIGH_WORD_SHIFT)
+
+
+def _term_bound(epilogue: Epilogue, bias_codes: np.ndarray, multiplier: np.ndarray, fraction: int) -> float:
+    """The largest |((acc + B) * M) >> S| of a layer's term at the output scale x 2^F."""
+    return (epilogue.source.acc_bound + np.abs(bias_codes).max(initial=0)) * multiplier.max() * 2.0 ** fraction
+
+
 def integer_residual_requantize(mutator: Any, epilogue: Epilogue, skip: Skip, scale: float, zero_point: int, dtype: str) -> Any:
     """The residual add's integer requantize (module docstring); None when a term could overflow
     int32, or the layer's multiplier is too large for F >= RESIDUAL_MIN_FRACTION_BITS with a
@@ -270,12 +281,12 @@ def integer_residual_requantize(mutator: Any, epilogue: Epilogue, skip: Skip, sc
         return None
     main_multiplier = epilogue.source.rescale.astype(np.float64) / scale
     # fixed_point's shift for m * 2^F is 30 - floor(log2(m)) - F: at least HIGH_WORD_SHIFT
-    fraction = min(RESIDUAL_FRACTION_BITS, 30 - math.floor(math.log2(float(main_multiplier.max()))) - HIGH_WORD_SHIFT)
+    fraction = _fraction_bits(float(main_multiplier.max()))
     if fraction < RESIDUAL_MIN_FRACTION_BITS:
         return None
     multiplier, shift = fixed_point(main_multiplier * 2.0 ** fraction)
     skip_fixed, skip_shift = fixed_point(np.array([skip.scale / scale * 2.0 ** (fraction - SKIP_LEFT_SHIFT)]))
-    main_bound = (epilogue.source.acc_bound + np.abs(bias_codes).max(initial=0)) * main_multiplier.max() * 2.0 ** fraction
+    main_bound = _term_bound(epilogue, bias_codes, main_multiplier, fraction)
     skip_bound = 255 * skip.scale / scale * 2.0 ** fraction
     if skip_shift < HIGH_WORD_SHIFT or main_bound + skip_bound + 2.0 ** fraction >= INT32_LIMIT / 2:
         return None
@@ -324,11 +335,11 @@ def integer_mean_requantize(mutator: Any, epilogue: Epilogue, skip: Skip | Epilo
         return None
     count = int(np.prod([int(d) for d in dims]))
     multipliers = [e.source.rescale.astype(np.float64) / scale for e in layers]
-    fraction = min(RESIDUAL_FRACTION_BITS, 30 - math.floor(math.log2(max(float(m.max()) for m in multipliers))) - HIGH_WORD_SHIFT)
+    fraction = _fraction_bits(max(float(m.max()) for m in multipliers))
     if fraction < POOL_MIN_FRACTION_BITS:
         return None
     fixed = [fixed_point(m * 2.0 ** fraction) for m in multipliers]
-    unbounded = sum((e.source.acc_bound + np.abs(b).max(initial=0)) * m.max() * 2.0 ** fraction for e, b, m in zip(layers, biases, multipliers))
+    unbounded = sum(_term_bound(e, b, m, fraction) for e, b, m in zip(layers, biases, multipliers))
     args = [value for e, b, (m, _) in zip(layers, biases, fixed)
             for value in (e.source.acc, relax.const(b.astype(np.int32).reshape(-1)), relax.const(m.reshape(-1)))]
     shifts = [shift for _, shift in fixed]
@@ -387,7 +398,7 @@ def fold_output_biases(mod: Any, dequantized: dict[int, Dequantized], shifted: s
         blocks.append(type(block)(bindings))
     if not folded:
         return mod, 0
-    result = mod.clone() if hasattr(mod, "clone") else mod
+    result = mod.clone()
     result["main"] = relax.Function(main.params, relax.SeqExpr(blocks, body.body), main.ret_ty, main.is_pure, main.attrs)
     return result, folded
 
@@ -421,13 +432,11 @@ def integer_dual_residual_requantize(mutator: Any, epilogue: Epilogue, other: Ep
     if biases[0] is None or biases[1] is None:
         return None
     multipliers = [e.source.rescale.astype(np.float64) / scale for e in (epilogue, other)]
-    largest = max(float(m.max()) for m in multipliers)
-    fraction = min(RESIDUAL_FRACTION_BITS, 30 - math.floor(math.log2(largest)) - HIGH_WORD_SHIFT)
+    fraction = _fraction_bits(max(float(m.max()) for m in multipliers))
     if fraction < RESIDUAL_MIN_FRACTION_BITS:
         return None
     fixed = [fixed_point(m * 2.0 ** fraction) for m in multipliers]
-    bound = sum((e.source.acc_bound + np.abs(b).max(initial=0)) * m.max() * 2.0 ** fraction
-                for e, b, m in zip((epilogue, other), biases, multipliers))
+    bound = sum(_term_bound(e, b, m, fraction) for e, b, m in zip((epilogue, other), biases, multipliers))
     if min(f[1] for f in fixed) < HIGH_WORD_SHIFT or bound + 2.0 ** fraction >= INT32_LIMIT / 2:
         return None
     return mutator.builder_.call_te(_dual_residual_requantize_te, epilogue.source.acc, relax.const(biases[0].astype(np.int32).reshape(-1)),
@@ -522,8 +531,8 @@ def _mean_requantize_te(acc: Any, bias_codes: Any, multiplier: Any, *skip: Any, 
         terms.append(_codes_term(skip[0], codes[0], codes[1], shifts[1]))
     elif skip:
         terms.append(_layer_term(skip[0], skip[1], skip[2], shifts[1], axis, "requantize_skip"))
-    term = te.compute(acc.shape, lambda *index: tirx.max(tirx.min(sum(t[index] for t in terms[1:]) + terms[0][index] if len(terms) > 1
-                                                                  else terms[0][index], term_bounds[1]), term_bounds[0]), name="requantize_term_clip")
+    term = te.compute(acc.shape, lambda *index: tirx.max(tirx.min(sum(t[index] for t in terms[1:]) + terms[0][index], term_bounds[1]),
+                                                         term_bounds[0]), name="requantize_term_clip")
     reduce_axes = [te.reduce_axis((0, acc.shape[a]), name=f"r{a}") for a in pooled]
     kept = [a for a in range(len(acc.shape)) if a not in pooled]
     out_shape = [1 if a in pooled else acc.shape[a] for a in range(len(acc.shape))] if keepdims else [acc.shape[a] for a in kept]
