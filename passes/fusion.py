@@ -260,7 +260,13 @@ def _value_uses(func: Any) -> dict[Any, int]:
 
 
 class FoldBatchNorm(GraphPass):
-    """Folds each inference BatchNorm that follows a conv2d (optionally with a bias add) into the conv's weights and a per-channel bias, before decompose turns BatchNorm into arithmetic."""
+    """Folds each inference BatchNorm that follows a conv2d (optionally with a bias add) into the conv's weights and a per-channel bias, before decompose turns BatchNorm into arithmetic.
+
+    A BatchNorm with no conv before it (DenseNet's and pre-activation ResNets' BN over a concatenation
+    or a residual sum) becomes `x * scale + shift`, the two vectors computed in float64: decompose
+    would leave (x - mean) / sqrt(var + eps) * gamma + beta, four per-channel constants and four
+    operations per element where two do. Stat `to_affine`.
+    """
 
     name = "fold-batchnorm"
     pattern = "conv-bn"  # the name `skip_fusion` knows it by
@@ -269,9 +275,11 @@ class FoldBatchNorm(GraphPass):
         ops = count_ops(mod)
         skip = list(ctx.options.get("skip_fusion", None) or [])
         _selected_specs(skip)  # refuses unknown names early
-        folded, refused = 0, Counter()
+        folded, affine, refused = 0, 0, Counter()
         if self.pattern not in skip and ops["relax.nn.batch_norm"]:
             mod, folded, refused = self._fold(mod)
+        if count_ops(mod)["relax.nn.batch_norm"]:
+            mod, affine = _batch_norms_to_affine(mod)
         stats: dict[str, Any] = {
             "ops_before": sum(ops.values()),
             "ops_after": sum(count_ops(mod).values()),
@@ -279,6 +287,7 @@ class FoldBatchNorm(GraphPass):
             "kernels_after": count_kernels(mod),
             "batch_norms": ops["relax.nn.batch_norm"],
             "folded": folded,
+            "to_affine": affine,
         }
         if refused:
             stats["not_folded"] = dict(sorted(refused.items()))
@@ -330,17 +339,13 @@ class FoldBatchNorm(GraphPass):
                     refused["bias not per-channel constant"] += 1
                     return expr
                 bias = b.reshape(-1).astype(np.float64)
-            gamma, beta, mean, var = (p.astype(np.float64).reshape(-1) for p in params)
-            if any(p.size != channels for p in (gamma, beta, mean, var)):
+            affine = _batch_norm_affine(bn_call, channels)
+            if affine is None:
                 refused["parameter shape"] += 1
                 return expr
-            if not bool(attrs.scale):
-                gamma = np.ones(channels)
-            if not bool(attrs.center):
-                beta = np.zeros(channels)
-            scale = gamma / np.sqrt(var + float(attrs.epsilon))
+            scale, shift = affine
             new_weight = (weight.astype(np.float64) * scale.reshape(-1, *[1] * (weight.ndim - 1))).astype(weight.dtype)
-            new_bias = ((bias - mean) * scale + beta).astype(weight.dtype).reshape(1, channels, 1, 1)
+            new_bias = (bias * scale + shift).astype(weight.dtype).reshape(1, channels, 1, 1)
             folded += 1
             new_conv = relax.Call(conv_call.op, [conv_call.args[0], relax.const(new_weight)], conv_attrs)
             return relax.op.add(new_conv, relax.const(new_bias))
@@ -349,6 +354,56 @@ class FoldBatchNorm(GraphPass):
         mod = mod.clone()
         mod.update_func(mod.get_global_var("main"), new_main)
         return mod, folded, refused
+
+
+def _batch_norm_affine(bn_call: Any, channels: int | None = None) -> tuple[Any, Any] | None:
+    """(scale, shift) in float64 with batch_norm(x) == x * scale + shift per channel; None unless the
+    four parameters are constants of one length (`channels` if given) and the BN is for inference."""
+    import numpy as np
+
+    attrs = bn_call.attrs
+    params = [_const_array(a) for a in bn_call.args[1:5]]
+    if bool(getattr(attrs, "training", False)) or any(p is None for p in params):
+        return None
+    gamma, beta, mean, var = (p.astype(np.float64).reshape(-1) for p in params)
+    size = channels if channels is not None else mean.size
+    if any(p.size != size for p in (gamma, beta, mean, var)):
+        return None
+    if not bool(attrs.scale):
+        gamma = np.ones(size)
+    if not bool(attrs.center):
+        beta = np.zeros(size)
+    scale = gamma / np.sqrt(var + float(attrs.epsilon))
+    return scale, beta - mean * scale
+
+
+def _batch_norms_to_affine(mod: Any) -> tuple[Any, int]:
+    """Every inference BatchNorm left (none before it to fold into) -> x * scale + shift."""
+    from tvm import relax
+    from tvm.relax.dpl import is_op, is_tuple_get_item, wildcard
+
+    bn = is_op("relax.nn.batch_norm")(wildcard(), wildcard(), wildcard(), wildcard(), wildcard())
+    rewritten = 0
+
+    def rewrite(expr: Any, matches: Any) -> Any:
+        nonlocal rewritten
+        bn_call = matches[bn]
+        data = bn_call.args[0]
+        affine = _batch_norm_affine(bn_call)
+        dtype, ndim = str(data.ty.dtype), int(data.ty.ndim)
+        if affine is None or ndim < 1 or not dtype.startswith("float"):
+            return expr
+        axis = int(bn_call.attrs.axis) % ndim
+        shape = [1] * ndim
+        shape[axis] = affine[0].size
+        scale, shift = (relax.const(v.astype(dtype).reshape(shape)) for v in affine)
+        rewritten += 1
+        return relax.op.add(relax.op.multiply(data, scale), shift)
+
+    main = relax.analysis.remove_all_unused(relax.dpl.rewrite_call(is_tuple_get_item(bn, 0), rewrite, mod["main"]))
+    mod = mod.clone()
+    mod.update_func(mod.get_global_var("main"), main)
+    return mod, rewritten
 
 
 # ------------------------------------------------------------------------------------- fusion

@@ -113,6 +113,24 @@ def test_conv_bn_relu6_folds_and_fuses(out: Path) -> None:
     assert_same_numbers(fused, unfused, model)
 
 
+def test_preactivation_batchnorm_becomes_one_multiply_add(out: Path) -> None:
+    """DenseNet's pre-activation BN (no conv before it to fold into) -> x * scale + shift: two
+    per-channel constants where decompose would leave four, same numbers as onnxruntime's."""
+    rng = np.random.default_rng(3)
+    weights = {"gamma": rng.uniform(0.5, 1.5, 6), "beta": rng.normal(0, 0.3, 6), "mean": rng.normal(0, 0.5, 6),
+               "var": rng.uniform(0.2, 2.0, 6), "W": rng.standard_normal((8, 6, 1, 1)) / 3}
+    nodes = [node("BatchNormalization", ["x", "gamma", "beta", "mean", "var"], ["bn"], epsilon=1e-3),
+             node("Relu", ["bn"], ["r"]), node("Conv", ["r", "W"], ["y"])]
+    model = save_model(out / "preact_bn.onnx", nodes, {"x": [1, 6, 5, 5]}, {"y": [1, 8, 5, 5]}, weights)
+    fused, unfused = build_both(model, out)
+    assert stats_of(fused)["fold-batchnorm"]["batch_norms"] == 1
+    assert stats_of(fused)["fold-batchnorm"]["folded"] == 0 and stats_of(fused)["fold-batchnorm"]["to_affine"] == 1
+    # conv weights 8x6x4 bytes, and the BN's 2 vectors of 6 (decompose's form keeps 4)
+    assert fused.manifest["memory"]["weights_bytes"] == (8 * 6 + 2 * 6) * 4
+    assert unfused.manifest["memory"]["weights_bytes"] == (8 * 6 + 4 * 6) * 4
+    assert_same_numbers(fused, unfused, model)
+
+
 def test_conv_bias_hardswish_residual(out: Path) -> None:
     weights = rng_weights(1, W=(8, 8, 3, 3), B=(8,))
     nodes = [node("Conv", ["x", "W", "B"], ["c"], pads=[1, 1, 1, 1]), node("HardSwish", ["c"], ["h"]),
