@@ -206,7 +206,6 @@ def _substitute(expr: Any, mapping: Mapping[Any, Any]) -> Any:
 
 def _outline(mod: Any, groups: list[list[Any]], unit: str, bounds: Mapping[str, int]) -> tuple[Any, list[dict[str, Any]]]:
     """main with each group outlined into a function `<unit>_subgraph_N` and called in its place."""
-    import tvm
     from tvm import relax
 
     if not groups:
