@@ -231,9 +231,18 @@ def _clip_bounds(epilogue: Epilogue, scale: float, zero_point: int, dtype: str) 
     return min(lo, hi), hi
 
 
-def _channel_axis(epilogue: Epilogue) -> int:
+def _channel_axis(epilogue: Epilogue) -> int | None:
+    """The accumulator's axis the per-channel vectors run along; None when there is one value (a
+    layer with one output channel, a per-tensor weight scale): every element reads element 0."""
     rescale = epilogue.source.rescale
+    if rescale.size == 1:
+        return None
     return len(epilogue.source.acc.ty.shape) - rescale.ndim + int(np.argmax(rescale.shape))
+
+
+def _per_channel(vector: Any, index: tuple[Any, ...], axis: int | None) -> Any:
+    """The element of a per-channel vector that the accumulator's element at `index` uses."""
+    return vector[0] if axis is None else vector[index[axis]]
 
 
 def integer_requantize(mutator: Any, epilogue: Epilogue, scale: float, zero_point: int, dtype: str) -> Any:
@@ -450,7 +459,7 @@ def integer_dual_residual_requantize(mutator: Any, epilogue: Epilogue, other: Ep
 REQUANTIZE_STAGES = ("requantize_sum", "requantize_code", "requantize_term", "requantize_skip")
 
 
-def _requantize_te(acc: Any, bias_codes: Any, multiplier: Any, *, axis: int, shift: int, zero_point: int,
+def _requantize_te(acc: Any, bias_codes: Any, multiplier: Any, *, axis: int | None, shift: int, zero_point: int,
                    bounds: tuple[int, int], dtype: str) -> Any:
     """Three stages: acc + B (int32), the clipped int32 code, its cast to 8 bits. In one expression
     TVM widens `int64(acc + B)` to `int64(acc) + int64(B)`, and a product of that sum is a full
@@ -458,8 +467,8 @@ def _requantize_te(acc: Any, bias_codes: Any, multiplier: Any, *, axis: int, shi
     LLVM makes a multiply-high (HVX vmpye/vmpyo)."""
     from tvm import te
 
-    summed = te.compute(acc.shape, lambda *index: acc[index] + bias_codes[index[axis]], name=REQUANTIZE_STAGES[0])
-    return _code_and_cast(lambda *index: _rounding_shift(summed[index].astype("int64") * multiplier[index[axis]].astype("int64"), shift),
+    summed = te.compute(acc.shape, lambda *index: acc[index] + _per_channel(bias_codes, index, axis), name=REQUANTIZE_STAGES[0])
+    return _code_and_cast(lambda *index: _rounding_shift(summed[index].astype("int64") * _per_channel(multiplier, index, axis).astype("int64"), shift),
                           acc.shape, zero_point, bounds, dtype)
 
 
@@ -470,14 +479,14 @@ def _rounding_shift(value: Any, shift: int) -> Any:
     return ((value + tirx.const(1 << (shift - 1), "int64")) >> tirx.const(shift, "int64")).astype("int32")
 
 
-def _layer_term(acc: Any, bias_codes: Any, multiplier: Any, shift: int, axis: int, name: str) -> Any:
+def _layer_term(acc: Any, bias_codes: Any, multiplier: Any, shift: int, axis: int | None, name: str) -> Any:
     """((acc + B) * M) >> S per channel, as two stages (`<name>_sum`, `<name>_term`): the product a
     multiply-high of its own stage (in one expression TVM would widen the sum to 64 bits)."""
     from tvm import te
 
-    summed = te.compute(acc.shape, lambda *index: acc[index] + bias_codes[index[axis]], name=f"{name}_sum")
+    summed = te.compute(acc.shape, lambda *index: acc[index] + _per_channel(bias_codes, index, axis), name=f"{name}_sum")
     return te.compute(acc.shape, lambda *index: _rounding_shift(
-        summed[index].astype("int64") * multiplier[index[axis]].astype("int64"), shift), name=f"{name}_term")
+        summed[index].astype("int64") * _per_channel(multiplier, index, axis).astype("int64"), shift), name=f"{name}_term")
 
 
 def _codes_term(codes: Any, zero_point: int, multiplier: int, shift: int) -> Any:
@@ -497,7 +506,7 @@ def _code_and_cast(value: Any, shape: Any, zero_point: int, bounds: tuple[int, i
     return te.compute(shape, lambda *index: codes[index].astype(dtype), name="requantize_cast")
 
 
-def _residual_requantize_te(acc: Any, bias_codes: Any, multiplier: Any, skip: Any, *, axis: int, shifts: tuple[int, int, int],
+def _residual_requantize_te(acc: Any, bias_codes: Any, multiplier: Any, skip: Any, *, axis: int | None, shifts: tuple[int, int, int],
                             skip_multiplier: int, zero_points: tuple[int, int], bounds: tuple[int, int], dtype: str) -> Any:
     """Stages as in _requantize_te, each product a multiply-high of its own stage (in one expression
     TVM would fold the zero point into a 64-bit constant): acc + B and its term, (q' - z') << L and
@@ -510,7 +519,7 @@ def _residual_requantize_te(acc: Any, bias_codes: Any, multiplier: Any, skip: An
 
 
 def _dual_residual_requantize_te(acc: Any, bias_codes: Any, multiplier: Any, other: Any, other_bias: Any, other_multiplier: Any, *,
-                                 axis: int, shifts: tuple[int, int, int], zero_point: int, bounds: tuple[int, int], dtype: str) -> Any:
+                                 axis: int | None, shifts: tuple[int, int, int], zero_point: int, bounds: tuple[int, int], dtype: str) -> Any:
     """Stages as in _residual_requantize_te, the skip's term from its own accumulator and bias."""
     main_shift, other_shift, fraction = shifts
     main = _layer_term(acc, bias_codes, multiplier, main_shift, axis, "requantize")
@@ -518,7 +527,7 @@ def _dual_residual_requantize_te(acc: Any, bias_codes: Any, multiplier: Any, oth
     return _code_and_cast(lambda *index: (main[index] + skip[index] + (1 << (fraction - 1))) >> fraction, acc.shape, zero_point, bounds, dtype)
 
 
-def _mean_requantize_te(acc: Any, bias_codes: Any, multiplier: Any, *skip: Any, axis: int, pooled: tuple[int, ...], keepdims: bool,
+def _mean_requantize_te(acc: Any, bias_codes: Any, multiplier: Any, *skip: Any, axis: int | None, pooled: tuple[int, ...], keepdims: bool,
                         shifts: tuple[int, ...], codes: tuple[int, int] | None, pool: tuple[int, int], term_bounds: tuple[int, int],
                         zero_point: int, bounds: tuple[int, int], dtype: str) -> Any:
     """Stages: each pixel's term at the output scale x 2^F (a layer's, or a residual add's two terms

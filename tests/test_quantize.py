@@ -133,6 +133,29 @@ def test_int8_layers_really_compute_in_integers(digits: dict) -> None:
     assert [layer["name"] for layer in stats["layers"]] == ["/0/Conv", "/2/Conv", "/5/Conv", "/8/Gemm", "/10/Gemm"]
 
 
+def test_integer_requantize_of_a_one_channel_layer_in_a_batch(tmp_path: Path) -> None:
+    """A conv with one output channel has one multiplier: with a batch of 2 it was read along the
+    batch axis (out of bounds for the second image: off by 2.8 on outputs of 4.4)."""
+    rng = np.random.default_rng(0)
+    weights = {"W1": rng.standard_normal((1, 4, 3, 3)) / 3, "B1": np.array([0.3]), "W2": rng.standard_normal((3, 1, 1, 1)),
+               "B2": rng.standard_normal(3)}
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W1", "B1"], ["c"], pads=[1] * 4), helper.make_node("Relu", ["c"], ["r"]),
+         helper.make_node("Conv", ["r", "W2", "B2"], ["y"])], "one_channel",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 6, 6])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 6, 6])],
+        [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in weights.items()])
+    model = tmp_path / "one_channel.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model)
+    samples = [{"x": rng.standard_normal((2, 4, 6, 6)).astype(np.float32)} for _ in range(4)]
+    outputs = {}
+    for requantize in ("float", "integer"):
+        art = api.compile(model, "host", tmp_path / requantize, quantize="int8", calibration=samples, requantize=requantize, progress=False)
+        outputs[requantize] = art.run(samples[0])["y"]
+    assert art.manifest["quantization"]["integer_requantized"] == 1
+    step = float(np.abs(outputs["float"]).max()) / 127
+    assert np.abs(outputs["integer"] - outputs["float"]).max() < 2 * step  # both images, not just the first
+
+
 def _single_conv_model(path: Path, padding: int, groups: int) -> Path:
     rng = np.random.default_rng(1)
     weight = rng.standard_normal((8, 8 // groups, 3, 3)).astype(np.float32)
