@@ -161,6 +161,17 @@ def dot_product_for(features: frozenset[str], gemm: GemmShape) -> tuple[int, int
     return None
 
 
+def int8_column_multiple(features: frozenset[str] | tuple[str, ...], vector_bits: int) -> int:
+    """The multiple an int8 matmul's output columns are padded to (zero weight columns, sliced off
+    after the product): the lanes of the target's int8 dot product, else of its int32 accumulator
+    vector. MobileNet's 1000 classes would miss VNNI (16 lanes) and the digits CNN's 10 would
+    miss HVX (32 lanes) entirely."""
+    for feature, spec in DOT_PRODUCTS.items():
+        if feature in features:
+            return spec[0]
+    return max(vector_bits // 32, 1)
+
+
 _REGISTERED: set[str] = set()
 
 

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from .base import CompileContext, GraphPass, PassInputError
+from .gemm import int8_column_multiple
 from .requantize import Dequantized, fold_output_biases, resolve
 from .stats import constant_bytes
 
@@ -116,13 +117,13 @@ class Quantize(GraphPass):
                 stats["sensitivity"] = _keep_sensitive_in_float(mod, layers, ctx, float(options["max_accuracy_drop"]))
         else:
             stats.update(_plan_int4(mod, layers, ctx))
-        return _rewrite(mod, layers, options, stats)
+        return _rewrite(mod, layers, options, stats, int8_column_multiple(ctx.features, ctx.vector_bits))
 
 
-def _rewrite(mod: Any, layers: list[Layer], options: dict[str, Any], stats: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+def _rewrite(mod: Any, layers: list[Layer], options: dict[str, Any], stats: dict[str, Any], column_multiple: int = 1) -> tuple[Any, dict[str, Any]]:
     from tvm import relax
 
-    rewriter = _Rewriter(mod, {id_of(layer.call): layer for layer in layers if layer.mode != "float"}, options)
+    rewriter = _Rewriter(mod, {id_of(layer.call): layer for layer in layers if layer.mode != "float"}, options, column_multiple=column_multiple)
     mod = rewriter.rewrite()
     if rewriter.integer_requantize:
         mod, stats["integer_output_biases"] = fold_output_biases(mod, rewriter.dequantized, set(rewriter.offsets))
@@ -130,6 +131,7 @@ def _rewrite(mod: Any, layers: list[Layer], options: dict[str, Any], stats: dict
         stats["integer_requantized"] = rewriter.requantized
         stats["integer_residual_adds"] = rewriter.residuals_requantized
         stats["integer_mean_pools"] = rewriter.pools_requantized
+    stats["padded_matmul_columns"] = rewriter.padded_columns
     # CanonicalizeBindings: the integer-requantize path binds the dequantized output to the layer's
     # var through an alias (v = dequantized), which FuseOps would treat as a kernel boundary
     # (not with taps: they are aliases, which it would remove)
@@ -837,8 +839,10 @@ def _q4_take_te(indices: Any, packed: Any, scales: Any, *zeros: Any, group: int)
 class _Rewriter:
     """Rewrites the planned calls of `main`; shares one quantize per (activation, scale, zero point)."""
 
-    def __init__(self, mod: Any, plans: dict[int, Layer], options: dict[str, Any], switch: Any = None) -> None:
+    def __init__(self, mod: Any, plans: dict[int, Layer], options: dict[str, Any], switch: Any = None, column_multiple: int = 1) -> None:
         self.mod = mod
+        self.column_multiple = column_multiple  # int8 matmul weights get zero columns up to a multiple of it
+        self.padded_columns = 0
         self.plans = plans
         # With `switch` (a bool vector var), layer i computes where(switch[i], quantized, float):
         # one module measures any subset of quantized layers (see sensitivity.py).
@@ -1047,12 +1051,25 @@ class _Rewriter:
 
         op = relax.op
         wq, w_scale = quantize_per_channel(_const(call.args[1]), axis=1, levels=layer.levels)
-        acc = op.matmul(self.activation(mutator, call.args[0], layer), relax.const(wq), out_dtype="int32")
+        acc = self.padded_matmul(self.activation(mutator, call.args[0], layer), wq)
         if layer.dynamic_zero_point is not None:
             column_sums = relax.const(wq.astype(np.int64).sum(axis=0).astype(np.int32))
             acc = op.subtract(acc, op.multiply(op.astype(layer.dynamic_zero_point, "int32"), column_sums))
         rescale = (np.float64(layer.scale) * w_scale).astype(np.float32)
         return self.dequantize(acc, rescale, layer.zero_point * wq.astype(np.int64).sum(axis=0), _acc_bound(wq, 1, layer), mutator)
+
+    def padded_matmul(self, data: Any, wq: np.ndarray) -> Any:
+        """matmul(data, wq) in int32; with columns short of the multiple, of wq with zero columns
+        up to it and sliced back (the kernel's vectors and dot products then cover every column)."""
+        from tvm import relax
+
+        columns = wq.shape[1]
+        padded = -(-columns // self.column_multiple) * self.column_multiple
+        if padded == columns:
+            return relax.op.matmul(data, relax.const(wq), out_dtype="int32")
+        self.padded_columns += padded - columns
+        acc = relax.op.matmul(data, relax.const(np.pad(wq, [(0, 0), (0, padded - columns)])), out_dtype="int32")
+        return relax.op.strided_slice(acc, axes=[data.ty.ndim - 1], begin=[0], end=[columns])
 
     def take_int8(self, call: Any) -> Any:
         from tvm import relax

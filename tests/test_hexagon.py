@@ -249,6 +249,11 @@ def test_vector_share_is_reported_per_kernel(digits_int8: dict[str, api.Artifact
     assert all(k["wrapper_instructions"] > 0 for k in code["kernels"].values())  # each body found with its entry point
     convs = [k for name, k in code["kernels"].items() if name.startswith("fused_conv2d")]
     assert len(convs) == 3 and all(k["vector_instructions"] > 0 for k in convs)  # every int8 conv has HVX code
+    # every int8 conv and matmul is at least half HVX; the 10-way classifier too (it was 0%: 10 columns
+    # are narrower than a 32 x int32 vector, so its weight gets zero columns up to 32)
+    layers = {name: k for name, k in code["kernels"].items() if name.startswith(("fused_conv2d", "fused_matmul"))}
+    assert len(layers) == 5 and all(k["vector_share"] >= 0.5 for k in layers.values()), layers
+    assert digits_int8["hexagon-v73"].manifest["quantization"]["padded_matmul_columns"] == 32 - 10
     result = run_socc("inspect", digits_int8["hexagon-v73"].path)
     assert result.code == 0
     assert re.search(r"^kernel\s+fused_conv2d\S*\s+\d+ instr\s+\d+\.\d% vector", result.stdout, re.M)

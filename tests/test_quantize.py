@@ -16,7 +16,9 @@ from conftest import run_socc
 from examples.models import CALIBRATION_SENTENCES, EVAL_SENTENCES
 from toolchain import api
 from toolchain.errors import UserError
+from toolchain.passes.gemm import int8_column_multiple
 from toolchain.passes.quantize import pack_nibbles, quantize_int4_groups, quantize_per_channel
+from toolchain.targets import load_profile
 
 SEQ = 16
 
@@ -56,6 +58,9 @@ def test_digits_int8_accuracy_within_one_point_on_host(digits: dict, digits_int8
     assert quant["layers_by_mode"] == {"int8": 5}  # 3 Conv + 2 Gemm, all integer
     assert quant["calibration_samples"] == 256
     assert quant["weights_bytes"] <= 0.26 * quant["weights_bytes_float"]
+    # the 10-way classifier's weight gets zero columns up to the int8 dot product's lanes (VNNI: 16)
+    profile = load_profile("host")
+    assert quant["padded_matmul_columns"] == -10 % int8_column_multiple(profile.llvm_features(), profile.schedule_vector_bits())
 
 
 def test_digits_int8_on_arm_matches_host_bit_for_bit(digits: dict, digits_int8_host: api.Artifact, tmp_path: Path) -> None:
