@@ -161,6 +161,15 @@ def dot_product_for(features: frozenset[str], gemm: GemmShape) -> tuple[int, int
     return None
 
 
+def int8_reduction_multiple(features: frozenset[str] | tuple[str, ...]) -> int:
+    """The multiple an int8 conv's input channels are padded to (zero weights): the pairs a dot
+    product sums per lane, so a 3-channel image (MobileNet's stem) still takes the instruction."""
+    for feature, spec in DOT_PRODUCTS.items():
+        if feature in features:
+            return spec[1]
+    return 1
+
+
 def int8_column_multiple(features: frozenset[str] | tuple[str, ...], vector_bits: int) -> int:
     """The multiple an int8 matmul's output columns are padded to (zero weight columns, sliced off
     after the product): the lanes of the target's int8 dot product, else of its int32 accumulator

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from .base import CompileContext, GraphPass, PassInputError
-from .gemm import int8_column_multiple
+from .gemm import int8_column_multiple, int8_reduction_multiple
 from .requantize import Dequantized, fold_output_biases, resolve
 from .stats import constant_bytes
 
@@ -117,13 +117,14 @@ class Quantize(GraphPass):
                 stats["sensitivity"] = _keep_sensitive_in_float(mod, layers, ctx, float(options["max_accuracy_drop"]))
         else:
             stats.update(_plan_int4(mod, layers, ctx))
-        return _rewrite(mod, layers, options, stats, int8_column_multiple(ctx.features, ctx.vector_bits))
+        return _rewrite(mod, layers, options, stats, (int8_column_multiple(ctx.features, ctx.vector_bits), int8_reduction_multiple(ctx.features)))
 
 
-def _rewrite(mod: Any, layers: list[Layer], options: dict[str, Any], stats: dict[str, Any], column_multiple: int = 1) -> tuple[Any, dict[str, Any]]:
+def _rewrite(mod: Any, layers: list[Layer], options: dict[str, Any], stats: dict[str, Any],
+             multiples: tuple[int, int] = (1, 1)) -> tuple[Any, dict[str, Any]]:
     from tvm import relax
 
-    rewriter = _Rewriter(mod, {id_of(layer.call): layer for layer in layers if layer.mode != "float"}, options, column_multiple=column_multiple)
+    rewriter = _Rewriter(mod, {id_of(layer.call): layer for layer in layers if layer.mode != "float"}, options, multiples=multiples)
     mod = rewriter.rewrite()
     if rewriter.integer_requantize:
         mod, stats["integer_output_biases"] = fold_output_biases(mod, rewriter.dequantized, set(rewriter.offsets))
@@ -132,6 +133,7 @@ def _rewrite(mod: Any, layers: list[Layer], options: dict[str, Any], stats: dict
         stats["integer_residual_adds"] = rewriter.residuals_requantized
         stats["integer_mean_pools"] = rewriter.pools_requantized
     stats["padded_matmul_columns"] = rewriter.padded_columns
+    stats["padded_conv_channels"] = rewriter.padded_channels
     # CanonicalizeBindings: the integer-requantize path binds the dequantized output to the layer's
     # var through an alias (v = dequantized), which FuseOps would treat as a kernel boundary
     # (not with taps: they are aliases, which it would remove)
@@ -839,10 +841,13 @@ def _q4_take_te(indices: Any, packed: Any, scales: Any, *zeros: Any, group: int)
 class _Rewriter:
     """Rewrites the planned calls of `main`; shares one quantize per (activation, scale, zero point)."""
 
-    def __init__(self, mod: Any, plans: dict[int, Layer], options: dict[str, Any], switch: Any = None, column_multiple: int = 1) -> None:
+    def __init__(self, mod: Any, plans: dict[int, Layer], options: dict[str, Any], switch: Any = None,
+                 multiples: tuple[int, int] = (1, 1)) -> None:
         self.mod = mod
-        self.column_multiple = column_multiple  # int8 matmul weights get zero columns up to a multiple of it
+        # int8 matmul weights get zero columns up to a multiple of the first, conv inputs zero channels up to the second
+        self.column_multiple, self.channel_multiple = multiples
         self.padded_columns = 0
+        self.padded_channels = 0
         self.plans = plans
         # With `switch` (a bool vector var), layer i computes where(switch[i], quantized, float):
         # one module measures any subset of quantized layers (see sensitivity.py).
@@ -1031,11 +1036,18 @@ class _Rewriter:
         wq, w_scale = quantize_per_channel(_const(call.args[1]), axis=out_axis, levels=layer.levels)
         xq = self.activation(mutator, call.args[0], layer)
         padding = [int(p) for p in attrs.padding]
+        sides: dict[str, list[int]] = {}
         if layer.zero_point and any(padding):  # pad with the zero point: real 0, as the float conv pads
             top, left, bottom, right = padding
             sides = {"H": [top, bottom], "W": [left, right]}
-            xq = op.nn.pad(xq, [width for axis in data_layout for width in sides.get(axis, [0, 0])], pad_value=float(layer.zero_point))
             padding = [0, 0, 0, 0]
+        extra = -wq.shape[kernel_layout.index("I")] % self.channel_multiple if int(attrs.groups) == 1 else 0
+        if extra:  # zero weights for the extra input channels: what they hold does not count
+            sides["C"] = [0, extra]
+            wq = np.pad(wq, [(0, extra if axis == "I" else 0) for axis in kernel_layout])
+            self.padded_channels += extra
+        if sides:
+            xq = op.nn.pad(xq, [width for axis in data_layout for width in sides.get(axis, [0, 0])], pad_value=float(layer.zero_point))
         acc = op.nn.conv2d(xq, relax.const(wq), strides=attrs.strides, padding=padding, dilation=attrs.dilation,
                            groups=int(attrs.groups), data_layout=data_layout, kernel_layout=kernel_layout, out_dtype="int32")
         channel_shape = [-1 if axis == "C" else 1 for axis in data_layout]  # one value per output channel

@@ -16,7 +16,7 @@ from conftest import run_socc
 from examples.models import CALIBRATION_SENTENCES, EVAL_SENTENCES
 from toolchain import api
 from toolchain.errors import UserError
-from toolchain.passes.gemm import int8_column_multiple
+from toolchain.passes.gemm import int8_column_multiple, int8_reduction_multiple
 from toolchain.passes.quantize import pack_nibbles, quantize_int4_groups, quantize_per_channel
 from toolchain.targets import load_profile
 
@@ -61,6 +61,8 @@ def test_digits_int8_accuracy_within_one_point_on_host(digits: dict, digits_int8
     # the 10-way classifier's weight gets zero columns up to the int8 dot product's lanes (VNNI: 16)
     profile = load_profile("host")
     assert quant["padded_matmul_columns"] == -10 % int8_column_multiple(profile.llvm_features(), profile.schedule_vector_bits())
+    # and the one-channel first conv's input zero channels up to the dot product's 4 pairs a lane
+    assert quant["padded_conv_channels"] == -1 % int8_reduction_multiple(profile.llvm_features())
 
 
 def test_digits_int8_on_arm_matches_host_bit_for_bit(digits: dict, digits_int8_host: api.Artifact, tmp_path: Path) -> None:
