@@ -878,6 +878,7 @@ class _Rewriter:
             def __init__(self, mod: Any) -> None:
                 super().__init__(mod)
                 self.quantized: dict[tuple[int, float, int], Any] = {}
+                self.integer_features: dict[int, Any] = {}  # int8 layers' outputs as int32 values (requantize.py)
 
             def visit_call_(self, call: Any) -> Any:
                 layer = outer.plans.get(id_of(call))

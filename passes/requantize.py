@@ -81,24 +81,45 @@ def resolve(mutator: Any, var: Any) -> Any:
 
 
 def trace_epilogue(mutator: Any, x: Any, dequantized: dict[int, Dequantized], model_biases: dict[int, np.ndarray]) -> Epilogue | None:
-    """x's chain back to a dequantized accumulator: [relu | clip] (add(dequantized, bias constant) | dequantized).
+    """x's chain back to a dequantized accumulator: [relu | clip] (add(dequantized, bias constant) | dequantized),
+    or [relu | clip] of an inference BatchNorm's affine over such outputs concatenated (`_affine_epilogue`).
 
     `dequantized`: by the hash of each dequantized output var (an IR node's identity);
     `model_biases`: by the hash of a bias constant that holds the model's bias minus the layer's
     zero-point correction x rescale, that model bias (exact, for the integer bias)."""
+    found, low, high = _peel_activations(mutator, x)
+    if found is None:
+        return None
+    epilogue = _layer_output(mutator, found, dequantized, model_biases) or _affine_epilogue(mutator, found, dequantized, model_biases)
+    return None if epilogue is None else dataclasses.replace(epilogue, low=low, high=high)
+
+
+def _is_op(value: Any, name: str) -> bool:
+    from tvm import relax
+
+    return isinstance(value, relax.Call) and getattr(value.op, "name", "") == name
+
+
+def _var_and_constant(call: Any) -> tuple[Any, Any] | None:
+    """(the var operand, the constant operand) of a binary call, either order; None otherwise."""
     from tvm import relax
     from tvm.ir.expr import Constant
 
-    found, low, high = _peel_activations(mutator, x)
+    lhs, rhs = call.args
+    if isinstance(rhs, relax.Var) and isinstance(lhs, Constant):
+        lhs, rhs = rhs, lhs
+    return (lhs, rhs) if isinstance(lhs, relax.Var) and isinstance(rhs, Constant) else None
+
+
+def _layer_output(mutator: Any, found: tuple[Any, Any], dequantized: dict[int, Dequantized], model_biases: dict[int, np.ndarray]) -> Epilogue | None:
+    """add(dequantized, bias constant) | dequantized, without activation bounds."""
     bias = bias_constant = None
-    if found is not None and isinstance(found[1], relax.Call) and getattr(found[1].op, "name", "") == "relax.add":
-        lhs, rhs = found[1].args
-        if isinstance(rhs, relax.Var) and isinstance(lhs, Constant):
-            lhs, rhs = rhs, lhs
-        if not (isinstance(lhs, relax.Var) and isinstance(rhs, Constant)):
+    if _is_op(found[1], "relax.add"):
+        operands = _var_and_constant(found[1])
+        if operands is None:
             return None
-        bias, bias_constant = rhs.value.numpy(), rhs
-        found = resolve(mutator, lhs)
+        bias, bias_constant = operands[1].value.numpy(), operands[1]
+        found = resolve(mutator, operands[0])
     if found is None or found[0].__hash__() not in dequantized:
         return None
     source = dequantized[found[0].__hash__()]
@@ -109,7 +130,143 @@ def trace_epilogue(mutator: Any, x: Any, dequantized: dict[int, Dequantized], mo
         bias = np.zeros_like(rescale)
     if bias.dtype != np.float32 or bias.size != rescale.size or np.broadcast_shapes(bias.shape, rescale.shape) != rescale.shape:
         return None  # not one value per output channel along the accumulator's channel axis
-    return Epilogue(source, bias.reshape(rescale.shape), low, high)
+    return Epilogue(source, bias.reshape(rescale.shape), -math.inf, math.inf)
+
+
+def _affine_epilogue(mutator: Any, found: tuple[Any, Any], dequantized: dict[int, Dequantized],
+                     model_biases: dict[int, np.ndarray]) -> Epilogue | None:
+    """[add(., t)] [multiply(., s)] y, t and s per-channel constants (an inference BatchNorm after
+    fold-batchnorm), y activation-free int8 layer outputs concatenated along their channel axis
+    (DenseNet's features, `_concatenated`) or one such output: since each is float(acc) * r + b,
+    the whole is float(acc) * (r * s) + (b * s + t) over the int32 accumulators concatenated, an
+    epilogue like any layer's, which each consumer requantizes from the int32 values."""
+    shift = scale = None
+    if _is_op(found[1], "relax.add"):
+        operands = _var_and_constant(found[1])
+        if operands is None or operands[1].__hash__() in model_biases:
+            return None  # (a layer's own bias and zero-point offset: `_layer_output`'s)
+        found, shift = resolve(mutator, operands[0]), operands[1].value.numpy().astype(np.float64)
+    if found is not None and _is_op(found[1], "relax.multiply"):
+        operands = _var_and_constant(found[1])
+        if operands is None:
+            return None
+        found, scale = resolve(mutator, operands[0]), operands[1].value.numpy().astype(np.float64)
+    if found is None:
+        return None
+    if shift is None and scale is None and not _is_op(found[1], "relax.concat"):
+        return None
+    base = _feature(mutator, found, dequantized, model_biases)
+    if base is None:
+        return None
+    rescale, bias = base.source.rescale.astype(np.float64), base.bias.astype(np.float64)
+    scale = np.ones(()) if scale is None else scale
+    shift = np.zeros(()) if shift is None else shift
+    for vector in (scale, shift):
+        if vector.size > 1 and (vector.size != rescale.size or np.broadcast_shapes(vector.shape, rescale.shape) != rescale.shape):
+            return None  # not per channel along the accumulator's channel axis
+    source = dataclasses.replace(base.source, rescale=rescale * scale.reshape(scale.shape if scale.size > 1 else ()))
+    return Epilogue(source, bias * scale + shift, -math.inf, math.inf)
+
+
+def _concatenated(mutator: Any, found: tuple[Any, Any], dequantized: dict[int, Dequantized],
+                  model_biases: dict[int, np.ndarray]) -> Epilogue | None:
+    """concat(y1, y2, ...) along the channel axis, each y an activation-free int8 layer output or
+    such a concatenation: one epilogue over the accumulators concatenated in int32, its
+    per-channel vectors concatenated."""
+    from tvm import relax, tirx
+
+    call = found[1]
+    parts = call.args[0]
+    if isinstance(parts, relax.Var):
+        parts = mutator.lookup_binding(parts)
+    if not isinstance(parts, relax.Tuple):
+        return None
+    rank = int(call.ty.ndim)
+    axis = int(call.attrs.axis) % rank
+    pieces = []
+    for part in parts.fields:
+        resolved = resolve(mutator, part) if isinstance(part, relax.Var) else None
+        if resolved is None:
+            return None
+        piece = _feature(mutator, resolved, dequantized, model_biases)
+        if piece is None or _channel_axis(piece) not in (axis, None) or str(piece.source.acc.ty.dtype) != "int32":
+            return None
+        channels = piece.source.acc.ty.shape[axis]
+        if not isinstance(channels, tirx.IntImm):
+            return None
+        pieces.append((piece, int(channels)))
+
+    def joined(vectors: list[np.ndarray]) -> np.ndarray:
+        flat = [np.broadcast_to(v.reshape(-1) if v.size > 1 else v.reshape(()), (n,)) for v, (_, n) in zip(vectors, pieces)]
+        shape = [1] * rank
+        shape[axis] = -1
+        return np.concatenate(flat).reshape(shape)
+
+    acc = mutator.builder_.emit(relax.op.concat([piece.source.acc for piece, _ in pieces], axis=axis))
+    source = Dequantized(acc, max(piece.source.acc_bound for piece, _ in pieces),
+                         joined([piece.source.rescale.astype(np.float64) for piece, _ in pieces]),
+                         joined([piece.source.correction for piece, _ in pieces]).astype(np.int32))
+    return Epilogue(source, joined([piece.bias.astype(np.float64) for piece, _ in pieces]), -math.inf, math.inf)
+
+
+def _feature(mutator: Any, found: tuple[Any, Any], dequantized: dict[int, Dequantized],
+             model_biases: dict[int, np.ndarray]) -> Epilogue | None:
+    """An activation-free int8 layer output (`_layer_output`), its average pool (`_pooled`) or a
+    concatenation of such (`_concatenated`); the int32 values these emit are emitted once per var
+    (memoized in `mutator.integer_features`: every consumer requantizes the same ones)."""
+    memo: dict[int, Epilogue | None] = mutator.integer_features
+    key = found[0].__hash__()
+    if key not in memo:
+        if _is_op(found[1], "relax.concat"):
+            memo[key] = _concatenated(mutator, found, dequantized, model_biases)
+        elif _is_op(found[1], "relax.nn.avg_pool2d"):
+            memo[key] = _pooled(mutator, found, dequantized, model_biases)
+        else:
+            memo[key] = _layer_output(mutator, found, dequantized, model_biases)
+    return memo[key]
+
+
+def _pooled(mutator: Any, found: tuple[Any, Any], dequantized: dict[int, Dequantized],
+            model_biases: dict[int, np.ndarray]) -> Epilogue | None:
+    """avg_pool2d (no padding, no ceil mode, no dilation) of an activation-free int8 layer output
+    (DenseNet's transition): the mean of float(acc) * r + b over a window of n is
+    float(sum of acc) * (r / n) + b, so the pool sums the int32 accumulators (exact) instead."""
+    from tvm import relax
+
+    call = found[1]
+    attrs = call.attrs
+    if (any(int(p) for p in attrs.padding) or bool(attrs.ceil_mode) or any(int(d) != 1 for d in attrs.dilation)
+            or str(attrs.layout) != str(attrs.out_layout) or not isinstance(call.args[0], relax.Var)):
+        return None
+    inner = resolve(mutator, call.args[0])
+    base = None if inner is None else _feature(mutator, inner, dequantized, model_biases)
+    layout = str(attrs.layout)
+    if base is None or _channel_axis(base) not in (layout.index("C"), None) or sorted(layout) != sorted("NCHW"):
+        return None
+    window, strides = [int(k) for k in attrs.pool_size], [int(k) for k in attrs.strides]
+    count = window[0] * window[1]
+    if base.source.acc_bound * count >= INT32_LIMIT:
+        return None
+    summed = mutator.builder_.call_te(_sum_pool_te, base.source.acc, axes=(layout.index("H"), layout.index("W")), window=tuple(window),
+                                      strides=tuple(strides), out_shape=[int(d) for d in call.ty.shape], primfunc_name_hint="sum_pool")
+    source = Dequantized(mutator.builder_.emit(summed), base.source.acc_bound * count, base.source.rescale.astype(np.float64) / count,
+                         (base.source.correction.astype(np.int64) * count).astype(np.int32))
+    return Epilogue(source, base.bias, -math.inf, math.inf)
+
+
+def _sum_pool_te(acc: Any, *, axes: tuple[int, int], window: tuple[int, int], strides: tuple[int, int], out_shape: list[int]) -> Any:
+    """The int32 sum of acc over each pooling window (axes: the H and W axes)."""
+    from tvm import te
+
+    reduce = [te.reduce_axis((0, k), name=f"r{i}") for i, k in enumerate(window)]
+
+    def window_sum(*index: Any) -> Any:
+        source = list(index)
+        for axis, stride, r in zip(axes, strides, reduce):
+            source[axis] = index[axis] * stride + r
+        return te.sum(acc[tuple(source)], axis=reduce)
+
+    return te.compute(out_shape, window_sum, name="sum_pool")
 
 
 def _activation_bounds(value: Any) -> tuple[float, float, Any] | None:

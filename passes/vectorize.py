@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from .apply_tuning import is_scheduled
@@ -77,7 +78,6 @@ def _index_vars(region: Any) -> set[Any]:
 def _strided_row(block: Any, spatial_vars: list[Any]) -> bool:
     """The reduction reads its first operand with a stride along the innermost spatial axis
     (a stride-2 conv): row vectors would be gathers, which LLVM builds lane by lane."""
-    import re
 
     if not block.reads or not spatial_vars:
         return False
@@ -243,6 +243,39 @@ def _vectorize_with_tail(sch: Any, loop_rv: Any, lanes: int, smallest: int, tail
     return True
 
 
+def _concat_cuts(block: Any) -> list[int] | None:
+    """Where a concatenation block (TOPI's: nested if_then_else(k <= v, piece, ...) on its innermost
+    var) switches pieces, in order; None for any other block."""
+    body = block.body.script()
+    innermost = block.iter_vars[-1].var.name
+    found = re.findall(r"T\.if_then_else\((?:T\.int(?:32|64)\()?(\d+)\)? <= (\w+),", body)
+    if not found or body.count("T.if_then_else(") != len(found) or any(var != innermost for _, var in found):
+        return None
+    return sorted({int(k) for k, _ in found})
+
+
+def _vectorize_pieces(sch: Any, loop_rv: Any, cuts: list[int], lanes: int) -> bool:
+    """A concatenation's innermost loop partitioned at its pieces' bounds and, within each piece,
+    into vectors (`lanes`, then powers of two for the rest): each partition reads one piece, so
+    its condition simplifies away and it is a plain vector copy (vectorized whole, the
+    if_then_else's lanes would be scalarized). Partitions under a quarter vector stay scalar."""
+    extent = _extent(sch, loop_rv)
+    if not extent or cuts[-1] >= extent:
+        return False
+    chunks = []
+    for low, high in zip([0, *cuts], [*cuts, extent]):
+        while high > low:
+            width = lanes if high - low >= lanes else 1 << ((high - low).bit_length() - 1)
+            chunks.append(width)
+            low += width
+    parts = sch.loop_partition(loop_rv, [*chunks[:-1], None]) if len(chunks) > 1 else [loop_rv]
+    smallest = max(lanes // 4, 2)
+    for part, width in zip(parts, chunks):
+        if width >= smallest:
+            sch.vectorize(part)
+    return any(width >= smallest for width in chunks)
+
+
 def _peel_tails(sch: Any, tails: list[tuple[Any, int]]) -> int:
     """Splits each loop over vectors with a predicated last vector into the whole vectors and that
     last one (`loop_partition`): the first loop's predicate is then always true and simplifies away,
@@ -365,7 +398,7 @@ def schedule_kernel(func: Any, vector_bits: int, vector_float: bool, constant_pa
     from tvm import s_tir, tirx
 
     stats = {"inlined": 0, "vectorized_loops": 0, "scalar_float_blocks": 0, "gathers_left_scalar": 0, "rows_left_scalar": 0,
-             "fused_row_blocks": 0, "parallel_loops": 0, "gemm_kernels": 0, "dot_product_kernels": 0, "tails_peeled": 0}
+             "fused_row_blocks": 0, "parallel_loops": 0, "gemm_kernels": 0, "dot_product_kernels": 0, "tails_peeled": 0, "concat_blocks": 0}
     relayout: dict[int, Relayout] = {}
     tails: list[tuple[Any, int]] = []
     sch = s_tir.Schedule(func)
@@ -419,6 +452,15 @@ def schedule_kernel(func: Any, vector_bits: int, vector_float: bool, constant_pa
             if len(tails) > tailed:  # the init's copy of the loop over vectors has the same tail
                 tails.append((sch.get_loops(init)[-2], tails[-1][1]))
         else:
+            cuts = _concat_cuts(block)
+            if cuts is not None:
+                # the loops outside the one the pieces partition run parallel (a large one), fused first
+                if parallel and _parallel_outer(sch, loops[:-1], _work(sch, loops)):
+                    stats["parallel_loops"] += 1
+                if _vectorize_pieces(sch, loops[-1], cuts, lanes):
+                    stats["vectorized_loops"] += 1
+                    stats["concat_blocks"] += 1
+                continue
             if _gathers(block):
                 stats["gathers_left_scalar"] += 1
                 continue
@@ -524,7 +566,7 @@ class Vectorize(GraphPass):
         from tvm import tirx
 
         totals = {"vector_bits": ctx.vector_bits, "parallel": ctx.parallel, "parallel_loops": 0, "kernels": 0, "kernels_vectorized": 0, "vectorized_loops": 0, "inlined": 0, "scalar_float_blocks": 0,
-                  "gathers_left_scalar": 0, "gemm_kernels": 0, "dot_product_kernels": 0, "rows_left_scalar": 0, "fused_row_blocks": 0, "tails_peeled": 0,
+                  "gathers_left_scalar": 0, "gemm_kernels": 0, "dot_product_kernels": 0, "rows_left_scalar": 0, "fused_row_blocks": 0, "tails_peeled": 0, "concat_blocks": 0,
                   "failed": 0}
         if ctx.vector_bits <= 0:
             return mod, {**totals, "skipped": "the target profile gives no vector width"}
