@@ -171,10 +171,9 @@ def int8_reduction_multiple(features: frozenset[str] | tuple[str, ...]) -> int:
 
 
 def int8_column_multiple(features: frozenset[str] | tuple[str, ...], vector_bits: int) -> int:
-    """The multiple an int8 matmul's output columns are padded to (zero weight columns, sliced off
-    after the product): the lanes of the target's int8 dot product, else of its int32 accumulator
-    vector. MobileNet's 1000 classes would miss VNNI (16 lanes) and the digits CNN's 10 would
-    miss HVX (32 lanes) entirely."""
+    """The width an int8 matmul with fewer output columns is padded to (zero weight columns, sliced
+    off after the product): the lanes of the target's int8 dot product, else of its int32
+    accumulator vector. The digits CNN's 10 classes would miss HVX (32 lanes) entirely."""
     for feature, spec in DOT_PRODUCTS.items():
         if feature in features:
             return spec[0]

@@ -286,6 +286,8 @@ def _activation_bounds(value: Any) -> tuple[float, float, Any] | None:
         return None
     kernel, data, bound = found
     limit = float(bound.value.numpy().reshape(()))
+    if kernel == "maximum" and limit <= -float(np.finfo(np.float32).max):
+        return None  # the dequantize's own max(., -FLT_MAX) (it stops FMA fusion), no activation
     return (limit, math.inf, data) if kernel == "maximum" else (-math.inf, limit, data)
 
 

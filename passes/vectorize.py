@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -291,6 +292,19 @@ def _peel_tails(sch: Any, tails: list[tuple[Any, int]]) -> int:
     return peeled
 
 
+STACK_ALLOCA_BYTES = 1024  # TVM's kMaxStackAlloca: smaller kernel intermediates live on the stack
+
+
+def _on_stack(sch: Any, buffer: Any) -> bool:
+    """The buffer is an intermediate of the kernel (not a parameter) under STACK_ALLOCA_BYTES."""
+    from tvm import tirx
+
+    func = sch.mod["main"]
+    if any(buffer.same_as(p) for p in func.params) or not all(isinstance(d, tirx.IntImm) for d in buffer.shape):
+        return False
+    return math.prod(int(d) for d in buffer.shape) * int(buffer.dtype.bits) // 8 < STACK_ALLOCA_BYTES
+
+
 def _work(sch: Any, loops: list[Any]) -> int:
     """The iterations of a loop nest (a reduction's multiply-adds); 0 when an extent is symbolic."""
     total = 1
@@ -427,6 +441,11 @@ def schedule_kernel(func: Any, vector_bits: int, vector_float: bool, constant_pa
             pointwise = len(spatial) >= 2 and bool(window) and all(e == 1 for e in window) and (_extent(sch, spatial[-1]) or 0) < lanes
             # vectors as wide as the narrow operands load whole (128 x int8 on HVX), down to half an accumulator vector
             wide, smallest = max(vector_bits // _read_bits(block), lanes), max(lanes // 2, 2)
+            if _on_stack(sch, block.writes[0].source):
+                # a sum into a small intermediate (TVM puts it on the stack) takes whole vectors
+                # only: half-vector accumulations there gave wrong sums under qemu-hexagon (the
+                # 16 and 48-channel pools of a DenseNet block's end)
+                smallest = lanes
             strided = _strided_row(block, spatial_vars=[iv.var for iv, kind in zip(block.iter_vars, kinds) if kind == tirx.IterVar.DataPar])
             # a row that no vector width divides, or a strided one, would make gathers (a vector over a
             # fused y*x loop crossing rows has `// W` indices, which TVM vectorizes lane by lane): vectors

@@ -177,6 +177,71 @@ def _downsample_block(path: Path) -> Path:
     return _with_pooled_classifier(path, "downsample_block", nodes, "r4", inits, [1, 16, 8, 8])
 
 
+def _dense_blocks(path: Path) -> Path:
+    """DenseNet in small, x[1,8,8,8]: a stem conv (32), two dense layers (BN -> ReLU -> Conv 1x1 (32)
+    -> ReLU -> Conv 3x3 (16), concatenated to what came before: 48, 64 channels), a transition
+    (BN -> ReLU -> Conv 1x1 (32) -> AveragePool 2x2), a third dense layer (48), BN -> ReLU, and
+    the pooled classifier. The features are float sums of int8 layers' outputs, never quantized
+    themselves: each BN + ReLU reads them concatenated."""
+    rng = np.random.default_rng(13)
+    inits, nodes = [], []
+
+    def conv(name: str, source: str, cin: int, cout: int, kernel: int) -> str:
+        scale = 1.0 / np.sqrt(cin * kernel * kernel)
+        inits.append(numpy_helper.from_array((rng.standard_normal((cout, cin, kernel, kernel)) * scale).astype(np.float32), f"{name}_w"))
+        nodes.append(helper.make_node("Conv", [source, f"{name}_w"], [name], pads=[kernel // 2] * 4, name=name))
+        return name
+
+    def bn_relu(name: str, source: str, channels: int) -> str:
+        for key, values in {"g": rng.uniform(0.5, 1.5, channels), "b": rng.normal(0, 0.2, channels),
+                            "m": rng.normal(0, 0.3, channels), "v": rng.uniform(0.5, 2.0, channels)}.items():
+            inits.append(numpy_helper.from_array(values.astype(np.float32), f"{name}_{key}"))
+        nodes.append(helper.make_node("BatchNormalization", [source, *(f"{name}_{k}" for k in "gbmv")], [f"{name}_bn"], name=f"{name}_bn"))
+        nodes.append(helper.make_node("Relu", [f"{name}_bn"], [f"{name}_relu"], name=f"{name}_relu"))
+        return f"{name}_relu"
+
+    def dense_layer(name: str, source: str, channels: int) -> str:
+        bottleneck = conv(f"{name}_1x1", bn_relu(name, source, channels), channels, 32, 1)
+        nodes.append(helper.make_node("Relu", [bottleneck], [f"{name}_mid"], name=f"{name}_mid"))
+        grown = conv(f"{name}_3x3", f"{name}_mid", 32, 16, 3)
+        nodes.append(helper.make_node("Concat", [source, grown], [f"{name}_cat"], axis=1, name=f"{name}_cat"))
+        return f"{name}_cat"
+
+    features = dense_layer("d2", dense_layer("d1", conv("stem", "x", 8, 32, 3), 32), 48)
+    transition = conv("t", bn_relu("t", features, 64), 64, 32, 1)
+    nodes.append(helper.make_node("AveragePool", [transition], ["t_pool"], kernel_shape=[2, 2], strides=[2, 2], name="t_pool"))
+    features = bn_relu("final", dense_layer("d3", "t_pool", 32), 48)
+    inits += [numpy_helper.from_array((rng.standard_normal((48, 10)) * 0.3).astype(np.float32), "G"),
+              numpy_helper.from_array((rng.standard_normal(10) * 0.1).astype(np.float32), "GB")]
+    return _with_pooled_classifier(path, "dense_blocks", nodes, features, inits, [1, 8, 8, 8])
+
+
+def _integer_builds(model: Path, tmp_path: Path) -> tuple[dict[str, api.Artifact], api.Artifact, list[int]]:
+    """The model in int8 for hexagon-v73 (integer requantize, its profile's default), for the host
+    the same way, and for the host with float requantize; and its input shape."""
+    shape = [int(d.dim_value) for d in onnx.load(model).graph.input[0].type.tensor_type.shape.dim]
+    calibration = tmp_path / "calibration.npz"
+    np.savez(calibration, x=np.random.default_rng(1).standard_normal((16, *shape)).astype(np.float32))
+    built = {t: api.compile(model, t, tmp_path / f"model.{t}", quantize="int8", calibration=calibration, progress=False,
+                            requantize="integer" if t == "host" else None, layout="NHWC")
+             for t in ("host", "hexagon-v73")}
+    float_requantize = api.compile(model, "host", tmp_path / "model.float", quantize="int8", calibration=calibration, progress=False)
+    return built, float_requantize, shape
+
+
+def _assert_bit_identical_and_as_close(model: Path, built: dict[str, api.Artifact], float_requantize: api.Artifact,
+                                       shape: list[int], tolerance: float) -> None:
+    """hexagon = host bit for bit, and the integer build as close to onnxruntime as the float-requantize
+    one (within `tolerance`, about one output step of the pool)."""
+    reference = ort.InferenceSession(str(model))
+    rng = np.random.default_rng(2)
+    for _ in range(4):
+        x = {"x": rng.standard_normal(shape).astype(np.float32)}
+        np.testing.assert_array_equal(built["hexagon-v73"].run(x)["y"], built["host"].run(x)["y"])
+        expected = reference.run(None, x)[0]
+        assert np.abs(built["host"].run(x)["y"] - expected).max() <= np.abs(float_requantize.run(x)["y"] - expected).max() + tolerance
+
+
 @pytest.mark.parametrize("builder", [_pooled_cnn, _downsample_block])
 def test_int8_pool_residual_and_classifier_run_in_integer_under_qemu_hexagon(builder, tmp_path: Path) -> None:
     """The conv's ReLU6 epilogue and the global average pool requantize in integer (the pool sums
@@ -184,29 +249,36 @@ def test_int8_pool_residual_and_classifier_run_in_integer_under_qemu_hexagon(bui
     conv's accumulator), and the classifier's bias goes into its int32 accumulator: no float but
     the logits' one multiply, so every conv and the pool are HVX; hexagon = host bit for bit."""
     model = builder(tmp_path / "model.onnx")
-    shape = [int(d.dim_value) for d in onnx.load(model).graph.input[0].type.tensor_type.shape.dim]
-    rng = np.random.default_rng(1)
-    calibration = tmp_path / "calibration.npz"
-    np.savez(calibration, x=rng.standard_normal((16, *shape)).astype(np.float32))
-    built = {t: api.compile(model, t, tmp_path / f"model.{t}", quantize="int8", calibration=calibration, progress=False,
-                            requantize="integer" if t == "host" else None, layout="NHWC")
-             for t in ("host", "hexagon-v73")}
-    float_requantize = api.compile(model, "host", tmp_path / "model.float", quantize="int8", calibration=calibration, progress=False)
+    built, float_requantize, shape = _integer_builds(model, tmp_path)
     quant = built["hexagon-v73"].manifest["quantization"]
     assert quant["integer_mean_pools"] == 1 and quant["integer_output_biases"] == 1
     # the downsample block's add requantizes alone (two accumulators); the second block's add is in the pool
     assert quant["integer_residual_adds"] == (builder is _downsample_block)
     assert quant["integer_requantized"] == (2 if builder is _downsample_block else 0)  # conv1 and conv3, through their ReLUs
-    reference = ort.InferenceSession(str(model))
-    for _ in range(4):
-        x = {"x": rng.standard_normal(shape).astype(np.float32)}
-        np.testing.assert_array_equal(built["hexagon-v73"].run(x)["y"], built["host"].run(x)["y"])
-        expected = reference.run(None, x)[0]
-        # as close to onnxruntime as the float-requantize build (about one output step of the pool)
-        assert np.abs(built["host"].run(x)["y"] - expected).max() <= np.abs(float_requantize.run(x)["y"] - expected).max() + 0.03
+    _assert_bit_identical_and_as_close(model, built, float_requantize, shape, 0.03)
     code = built["hexagon-v73"].manifest["code"]["kernels"]
     integer = {name: k for name, k in code.items() if "conv2d" in name or "requantize" in name}
     assert len(integer) >= 2 and all(k["vector_share"] >= 0.5 for k in integer.values()), code
+
+
+def test_int8_dense_blocks_run_in_integer_under_qemu_hexagon(tmp_path: Path) -> None:
+    """DenseNet's BN + ReLU over concatenated features (and over a transition's average pool)
+    requantizes from the int32 accumulators, concatenated and window-summed in int32: no float
+    kernel is left but the input's quantize and the logits, every conv, matmul and concatenation
+    is at least half HVX, and hexagon = host bit for bit."""
+    model = _dense_blocks(tmp_path / "model.onnx")
+    built, float_requantize, shape = _integer_builds(model, tmp_path)
+    quant = built["hexagon-v73"].manifest["quantization"]
+    # 4 BN + ReLU (over the stem's output, a concatenation, the transition's over another, over its
+    # average pool), 3 bottleneck convs' ReLU (no bias); the last BN + ReLU is the pool's term
+    assert quant["integer_requantized"] == 7 and quant["integer_mean_pools"] == 1 and quant["integer_output_biases"] == 1
+    _assert_bit_identical_and_as_close(model, built, float_requantize, shape, 0.05)
+    code = built["hexagon-v73"].manifest["code"]["kernels"]
+    layers = {name: k for name, k in code.items() if "conv2d" in name or "matmul" in name or "concatenate" in name}
+    assert sum("concatenate" in name for name in layers) >= 2
+    assert all(k["vector_share"] >= 0.5 for k in layers.values()), layers
+    vectorize = next(p["stats"] for p in built["hexagon-v73"].manifest["passes"] if p["name"] == "vectorize")
+    assert vectorize["scalar_float_blocks"] <= 3, vectorize  # the input's quantize (and its cast), the logits
 
 
 def test_float_model_under_qemu_hexagon_matches_onnxruntime(digits: dict, tmp_path: Path) -> None:
