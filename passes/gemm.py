@@ -161,23 +161,24 @@ def dot_product_for(features: frozenset[str], gemm: GemmShape) -> tuple[int, int
     return None
 
 
-def int8_reduction_multiple(features: frozenset[str] | tuple[str, ...]) -> int:
+def _dot_spec(features: frozenset[str] | tuple[str, ...], activation_dtype: str) -> tuple[int, int, str, str, str] | None:
+    """The int8 dot product of a CPU with these LLVM features for activations of this dtype."""
+    return next((spec for feature, spec in DOT_PRODUCTS.items() if feature in features and spec[2] == activation_dtype), None)
+
+
+def int8_reduction_multiple(features: frozenset[str] | tuple[str, ...], activation_dtype: str = "uint8") -> int:
     """The multiple an int8 conv's input channels are padded to (zero weights): the pairs a dot
     product sums per lane, so a 3-channel image (MobileNet's stem) still takes the instruction."""
-    for feature, spec in DOT_PRODUCTS.items():
-        if feature in features:
-            return spec[1]
-    return 1
+    spec = _dot_spec(features, activation_dtype)
+    return spec[1] if spec else 1
 
 
-def int8_column_multiple(features: frozenset[str] | tuple[str, ...], vector_bits: int) -> int:
+def int8_column_multiple(features: frozenset[str] | tuple[str, ...], vector_bits: int, activation_dtype: str = "uint8") -> int:
     """The width an int8 matmul with fewer output columns is padded to (zero weight columns, sliced
     off after the product): the lanes of the target's int8 dot product, else of its int32
     accumulator vector. The digits CNN's 10 classes would miss HVX (32 lanes) entirely."""
-    for feature, spec in DOT_PRODUCTS.items():
-        if feature in features:
-            return spec[0]
-    return max(vector_bits // 32, 1)
+    spec = _dot_spec(features, activation_dtype)
+    return spec[0] if spec else max(vector_bits // 32, 1)
 
 
 _REGISTERED: set[str] = set()

@@ -117,7 +117,9 @@ class Quantize(GraphPass):
                 stats["sensitivity"] = _keep_sensitive_in_float(mod, layers, ctx, float(options["max_accuracy_drop"]))
         else:
             stats.update(_plan_int4(mod, layers, ctx))
-        return _rewrite(mod, layers, options, stats, (int8_column_multiple(ctx.features, ctx.vector_bits), int8_reduction_multiple(ctx.features)))
+        activation_dtype = options.get("activation_dtype") or "uint8"
+        multiples = (int8_column_multiple(ctx.features, ctx.vector_bits, activation_dtype), int8_reduction_multiple(ctx.features, activation_dtype))
+        return _rewrite(mod, layers, options, stats, multiples)
 
 
 def _rewrite(mod: Any, layers: list[Layer], options: dict[str, Any], stats: dict[str, Any],

@@ -87,7 +87,7 @@ def trace_epilogue(mutator: Any, x: Any, dequantized: dict[int, Dequantized], mo
     `dequantized`: by the hash of each dequantized output var (an IR node's identity);
     `model_biases`: by the hash of a bias constant that holds the model's bias minus the layer's
     zero-point correction x rescale, that model bias (exact, for the integer bias)."""
-    found, low, high = _peel_activations(mutator, x)
+    found, low, high = _peel_activations(mutator, x, dequantized)
     if found is None:
         return None
     epilogue = _layer_output(mutator, found, dequantized, model_biases) or _affine_epilogue(mutator, found, dequantized, model_biases)
@@ -141,6 +141,7 @@ def _affine_epilogue(mutator: Any, found: tuple[Any, Any], dequantized: dict[int
     the whole is float(acc) * (r * s) + (b * s + t) over the int32 accumulators concatenated, an
     epilogue like any layer's, which each consumer requantizes from the int32 values."""
     shift = scale = None
+    result_shape = [str(d) for d in found[1].ty.shape]
     if _is_op(found[1], "relax.add"):
         operands = _var_and_constant(found[1])
         if operands is None or operands[1].__hash__() in model_biases:
@@ -156,8 +157,8 @@ def _affine_epilogue(mutator: Any, found: tuple[Any, Any], dequantized: dict[int
     if shift is None and scale is None and not _is_op(found[1], "relax.concat"):
         return None
     base = _feature(mutator, found, dequantized, model_biases)
-    if base is None:
-        return None
+    if base is None or [str(d) for d in base.source.acc.ty.shape] != result_shape:
+        return None  # (a constant of more dims would broadcast the result to them)
     rescale, bias = base.source.rescale.astype(np.float64), base.bias.astype(np.float64)
     scale = np.ones(()) if scale is None else scale
     shift = np.zeros(()) if shift is None else shift
@@ -165,7 +166,7 @@ def _affine_epilogue(mutator: Any, found: tuple[Any, Any], dequantized: dict[int
         if vector.size > 1 and (vector.size != rescale.size or np.broadcast_shapes(vector.shape, rescale.shape) != rescale.shape):
             return None  # not per channel along the accumulator's channel axis
     source = dataclasses.replace(base.source, rescale=rescale * scale.reshape(scale.shape if scale.size > 1 else ()))
-    return Epilogue(source, bias * scale + shift, -math.inf, math.inf)
+    return Epilogue(source, (bias * scale + shift).reshape(rescale.shape), -math.inf, math.inf)
 
 
 def _concatenated(mutator: Any, found: tuple[Any, Any], dequantized: dict[int, Dequantized],
@@ -231,7 +232,7 @@ def _pooled(mutator: Any, found: tuple[Any, Any], dequantized: dict[int, Dequant
     """avg_pool2d (no padding, no ceil mode, no dilation) of an activation-free int8 layer output
     (DenseNet's transition): the mean of float(acc) * r + b over a window of n is
     float(sum of acc) * (r / n) + b, so the pool sums the int32 accumulators (exact) instead."""
-    from tvm import relax
+    from tvm import relax, tirx
 
     call = found[1]
     attrs = call.attrs
@@ -243,6 +244,8 @@ def _pooled(mutator: Any, found: tuple[Any, Any], dequantized: dict[int, Dequant
     layout = str(attrs.layout)
     if base is None or _channel_axis(base) not in (layout.index("C"), None) or sorted(layout) != sorted("NCHW"):
         return None
+    if not all(isinstance(d, tirx.IntImm) for d in call.ty.shape):
+        return None  # (a dynamic batch)
     window, strides = [int(k) for k in attrs.pool_size], [int(k) for k in attrs.strides]
     count = window[0] * window[1]
     if base.source.acc_bound * count >= INT32_LIMIT:
@@ -286,8 +289,6 @@ def _activation_bounds(value: Any) -> tuple[float, float, Any] | None:
         return None
     kernel, data, bound = found
     limit = float(bound.value.numpy().reshape(()))
-    if kernel == "maximum" and limit <= -float(np.finfo(np.float32).max):
-        return None  # the dequantize's own max(., -FLT_MAX) (it stops FMA fusion), no activation
     return (limit, math.inf, data) if kernel == "maximum" else (-math.inf, limit, data)
 
 
@@ -317,12 +318,14 @@ class Skip:
     zero_point: int
 
 
-def _peel_activations(mutator: Any, x: Any) -> tuple[Any, float, float]:
-    """(x's binding under any relu/clip, their bounds in float)."""
+def _peel_activations(mutator: Any, x: Any, dequantized: dict[int, Dequantized]) -> tuple[Any, float, float]:
+    """(x's binding under any relu/clip, their bounds in float); a layer's dequantized output ends
+    the peel (its own max(., -FLT_MAX), which stops FMA fusion, is no activation)."""
     low, high = -math.inf, math.inf
     found = resolve(mutator, x)
     for _ in range(2):  # relu, clip, or the max/min pair TVM's importer makes of a Clip with input bounds
-        bounds = _activation_bounds(found[1]) if found is not None else None
+        at_layer = found is not None and found[0].__hash__() in dequantized
+        bounds = _activation_bounds(found[1]) if found is not None and not at_layer else None
         if bounds is None:
             break
         low, high = max(low, bounds[0]), min(high, bounds[1])
@@ -338,7 +341,7 @@ def trace_residual(mutator: Any, x: Any, dequantized: dict[int, Dequantized], mo
     of its own; the epilogue returned carries the bounds of the one after the add."""
     from tvm import relax
 
-    found, low, high = _peel_activations(mutator, x)
+    found, low, high = _peel_activations(mutator, x, dequantized)
     if found is None or not isinstance(found[1], relax.Call) or getattr(found[1].op, "name", "") != "relax.add":
         return None
     lhs, rhs = found[1].args

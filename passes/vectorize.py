@@ -255,6 +255,9 @@ def _concat_cuts(block: Any) -> list[int] | None:
     return sorted({int(k) for k, _ in found})
 
 
+MAX_CONCAT_PARTITIONS = 32  # each is a block of code of its own (DenseNet's 200 channels: 7 at 32 lanes)
+
+
 def _vectorize_pieces(sch: Any, loop_rv: Any, cuts: list[int], lanes: int) -> bool:
     """A concatenation's innermost loop partitioned at its pieces' bounds and, within each piece,
     into vectors (`lanes`, then powers of two for the rest): each partition reads one piece, so
@@ -269,6 +272,8 @@ def _vectorize_pieces(sch: Any, loop_rv: Any, cuts: list[int], lanes: int) -> bo
             width = lanes if high - low >= lanes else 1 << ((high - low).bit_length() - 1)
             chunks.append(width)
             low += width
+    if len(chunks) > MAX_CONCAT_PARTITIONS:
+        return False  # (a long concatenation along its innermost axis: blocks of code without end)
     parts = sch.loop_partition(loop_rv, [*chunks[:-1], None]) if len(chunks) > 1 else [loop_rv]
     smallest = max(lanes // 4, 2)
     for part, width in zip(parts, chunks):
