@@ -128,9 +128,14 @@ def _layer_output(mutator: Any, found: tuple[Any, Any], dequantized: dict[int, D
         bias = model_biases[bias_constant.__hash__()]
     if bias is None:
         bias = np.zeros_like(rescale)
-    if bias.dtype != np.float32 or bias.size != rescale.size or np.broadcast_shapes(bias.shape, rescale.shape) != rescale.shape:
+    if bias.dtype != np.float32 or not _along_rescale(bias, rescale):
         return None  # not one value per output channel along the accumulator's channel axis
     return Epilogue(source, bias.reshape(rescale.shape), -math.inf, math.inf)
+
+
+def _along_rescale(vector: np.ndarray, rescale: np.ndarray) -> bool:
+    """One value per element of `rescale`, along its axes (it broadcasts to rescale's shape)."""
+    return vector.size == rescale.size and np.broadcast_shapes(vector.shape, rescale.shape) == rescale.shape
 
 
 def _affine_epilogue(mutator: Any, found: tuple[Any, Any], dequantized: dict[int, Dequantized],
@@ -162,9 +167,8 @@ def _affine_epilogue(mutator: Any, found: tuple[Any, Any], dequantized: dict[int
     rescale, bias = base.source.rescale.astype(np.float64), base.bias.astype(np.float64)
     scale = np.ones(()) if scale is None else scale
     shift = np.zeros(()) if shift is None else shift
-    for vector in (scale, shift):
-        if vector.size > 1 and (vector.size != rescale.size or np.broadcast_shapes(vector.shape, rescale.shape) != rescale.shape):
-            return None  # not per channel along the accumulator's channel axis
+    if any(vector.size > 1 and not _along_rescale(vector, rescale) for vector in (scale, shift)):
+        return None  # not per channel along the accumulator's channel axis
     source = dataclasses.replace(base.source, rescale=rescale * scale.reshape(scale.shape if scale.size > 1 else ()))
     return Epilogue(source, (bias * scale + shift).reshape(rescale.shape), -math.inf, math.inf)
 
@@ -342,7 +346,7 @@ def trace_residual(mutator: Any, x: Any, dequantized: dict[int, Dequantized], mo
     from tvm import relax
 
     found, low, high = _peel_activations(mutator, x, dequantized)
-    if found is None or not isinstance(found[1], relax.Call) or getattr(found[1].op, "name", "") != "relax.add":
+    if found is None or not _is_op(found[1], "relax.add"):
         return None
     lhs, rhs = found[1].args
     for main, other in ((lhs, rhs), (rhs, lhs)):
@@ -473,10 +477,8 @@ def trace_mean(mutator: Any, x: Any, dequantized: dict[int, Dequantized], model_
     """x's chain back to mean(y) over axes other than the channel axis, y an int8 layer's epilogue
     or a residual add (`trace_residual`): (the epilogue, the residual's skip or None, the pooled
     axes, keepdims); None otherwise."""
-    from tvm import relax
-
     found = resolve(mutator, x)
-    if found is None or not isinstance(found[1], relax.Call) or getattr(found[1].op, "name", "") != "relax.mean":
+    if found is None or not _is_op(found[1], "relax.mean"):
         return None
     call = found[1]
     epilogue, skip = trace_epilogue(mutator, call.args[0], dequantized, model_biases), None
@@ -557,7 +559,7 @@ def fold_output_biases(mod: Any, dequantized: dict[int, Dequantized], shifted: s
         bindings = []
         for binding in block.bindings:
             value = binding.value
-            if binding.var.__hash__() in outputs and isinstance(value, relax.Call) and getattr(value.op, "name", "") == "relax.add":
+            if binding.var.__hash__() in outputs and _is_op(value, "relax.add"):
                 lhs, rhs = value.args
                 while lhs.__hash__() in aliases:  # v = dequantized
                     lhs = aliases[lhs.__hash__()]
