@@ -120,7 +120,8 @@ def test_fast_exp_and_erf_are_accurate_over_their_range() -> None:
     relative = np.abs(got.astype(np.float64) - np.exp(x.astype(np.float64))) / np.exp(x.astype(np.float64))
     assert relative.max() < 5e-7, relative.max()  # a few float32 ulps (libm: 1)
     low = _run(_elementwise_kernel(fast_exp, 4), [np.array([-1e30, -100.0, np.float32(-3.4e38), 0.0], np.float32), np.zeros(4, np.float32)], {})
-    assert np.all(low[:3] < 1e-37) and low[3] == 1.0  # masked attention scores: effectively zero
+    # masked attention scores: exactly zero, never a tiny float whose products are denormals (slow on Intel)
+    assert np.all(low[:3] == 0.0) and low[3] == 1.0
     z = np.linspace(-6.0, 6.0, 100_001, dtype=np.float32)
     got = _run(_elementwise_kernel(fast_erf, z.size), [z, np.zeros_like(z)], {})
     assert np.abs(got.astype(np.float64) - np.array([math.erf(v) for v in z.astype(np.float64)])).max() < 5e-7  # A&S 1.5e-7 + float32 rounding
