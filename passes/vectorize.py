@@ -562,23 +562,35 @@ def _tile_gemms(sch: Any, names: list[str], vector_bits: int, constant_params: f
     the schedule and the names of the blocks it scheduled; a matmul the tiles do not fit is left
     to the generic schedule."""
     done: set[str] = set()
+    lanes = max(vector_bits // 32, 1)
+    # 512-bit vectors (AVX-512) fall back to 256-bit ones for a matmul whose columns only those divide
+    # (MobileNetV2's 1000 classes: 0.18 ms generic, 0.064 ms tiled on 8 lanes)
+    widths = (lanes, lanes // 2) if vector_bits >= 512 else (lanes,)
     for name in names:
-        trial = sch.copy()
-        gemm = match(trial, trial.get_sblock(name), constant_params)  # again: inlining may have changed the block
-        if gemm is None:
+        tiled = next((t for t in (_tiled(sch, name, width, constant_params, parallel, features) for width in widths) if t), None)
+        if tiled is None:  # a shape the tiles do not fit: the generic schedule
             continue
-        try:
-            gemm_stats, gemm_relayout, scheduled = schedule_gemm(trial, trial.get_sblock(name), gemm, max(vector_bits // 32, 1), features,
-                                                                 parallel, PARALLEL_MIN_WORK)
-        except Exception:  # noqa: BLE001 - a shape the tiles do not fit: the generic schedule
-            continue
-        sch = trial
+        sch, gemm_stats, gemm_relayout, scheduled = tiled
         for key, value in gemm_stats.items():
             stats[key] = stats.get(key, 0) + value
         stats["vectorized_loops"] += 1
         relayout.update(gemm_relayout)
         done |= scheduled
     return sch, done
+
+
+def _tiled(sch: Any, name: str, lanes: int, constant_params: frozenset[int], parallel: bool,
+           features: frozenset[str]) -> tuple[Any, dict[str, int], dict[int, Relayout], set[str]] | None:
+    """A copy of the schedule with matmul `name` in register tiles of `lanes`-wide vectors, with the
+    stats, weight relayout and scheduled block names; None when the tiles do not fit."""
+    trial = sch.copy()
+    gemm = match(trial, trial.get_sblock(name), constant_params)  # again: inlining may have changed the block
+    if gemm is None:
+        return None
+    try:
+        return (trial, *schedule_gemm(trial, trial.get_sblock(name), gemm, lanes, features, parallel, PARALLEL_MIN_WORK))
+    except Exception:  # noqa: BLE001 - a shape the tiles do not fit
+        return None
 
 
 class Vectorize(GraphPass):

@@ -227,7 +227,7 @@ def test_minilm_int8_sentence_embeddings(minilm: Path, minilm_float: dict, tmp_p
     # the host gets the vectorize schedule too (its width from LLVM's view of this CPU): measured
     # 34 of the 40 kernels vectorized at seq 16, 150.8 -> 12.1 ms, bit-identical outputs
     vectorize = next(p["stats"] for p in art.manifest["passes"] if p["name"] == "vectorize")
-    assert vectorize["vector_bits"] in (128, 256) and vectorize["kernels_vectorized"] >= 0.7 * vectorize["kernels"], vectorize
+    assert vectorize["vector_bits"] in (128, 256, 512) and vectorize["kernels_vectorized"] >= 0.7 * vectorize["kernels"], vectorize
 
 
 @pytest.mark.parametrize("rounding", ["nearest", "gptq"])
