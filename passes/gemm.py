@@ -240,7 +240,7 @@ def vector_registers(features: frozenset[str]) -> int:
     return 32 if "avx512f" in features or "neon" in features else 16
 
 
-def _tile_shape(rows: int, column_vectors: int, registers: int) -> tuple[int, int]:
+def tile_shape(rows: int, column_vectors: int, registers: int) -> tuple[int, int]:
     """The largest tile (rows, column vectors) that divides the output and fits the registers;
     among equals, the one with more columns (a wider run of each B row)."""
     fits = [(r * c, c, r) for r in (ROW_CHOICES if rows else (1,)) for c in COLUMN_VECTOR_CHOICES
@@ -260,7 +260,7 @@ def schedule_gemm(sch: Any, block_rv: Any, gemm: GemmShape, lanes: int, features
     dot = dot_product_for(features, gemm)
     if dot is not None:
         lanes, group = dot[0], dot[1]
-    tile_rows, column_vectors = _tile_shape(gemm.m, gemm.n // lanes, vector_registers(features))
+    tile_rows, column_vectors = tile_shape(gemm.m, gemm.n // lanes, vector_registers(features))
     if gemm.weight_param is not None:
         _pack_weight(sch, block_rv, gemm, lanes if dot is not None else lanes * column_vectors, group if dot is not None else 0, relayout)
     row_outer, row_inner = sch.split(gemm.row, factors=[None, tile_rows])
@@ -275,7 +275,7 @@ def schedule_gemm(sch: Any, block_rv: Any, gemm: GemmShape, lanes: int, features
     else:
         k_outer = gemm.reduce[-1]
         sch.reorder(col_outer, *gemm.batch, row_outer, *inner, k_outer, row_inner, col_vector, col_lane)
-    consumers = _consumer_chain(sch, block_rv)
+    consumers = consumer_chain(sch, block_rv)
     if not consumers:  # the tile accumulates in registers all the same, and is written out once
         consumers = [sch.cache_write(block_rv, 0, "global")]  # "local" after tensorize (the intrinsic's buffers are global)
     for consumer in consumers:
@@ -296,20 +296,24 @@ def schedule_gemm(sch: Any, block_rv: Any, gemm: GemmShape, lanes: int, features
     if dot is not None:
         sch.tensorize(col_lane, _dot_intrinsic(*dot))
         stats["dot_product_kernels"] = 1
-    # the tile and the epilogue's intermediates: compacted to rows x columns, kept in registers
-    for producer in [init, *consumers][:-1]:
-        sch.set_scope(producer, 0, "local")
     sch.unroll(col_vector)
     sch.unroll(row_inner)
+    keep_tile_in_registers(sch, init, consumers, lanes)
+    return stats, relayout, {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_loops(init)[0])}
+
+
+def keep_tile_in_registers(sch: Any, init: Any, consumers: list[Any], lanes: int) -> None:
+    """The tile (the reduction's init) and the epilogue's intermediates compacted to the tile's
+    shape and kept in registers ("local"); each epilogue stage vectorized in `lanes`."""
+    for producer in [init, *consumers][:-1]:
+        sch.set_scope(producer, 0, "local")
     for consumer in consumers:
-        loops = sch.get_loops(consumer)
-        inner = loops[-1]
+        inner = sch.get_loops(consumer)[-1]
         extent = loop_extent(sch, inner) or 0
         if extent >= lanes and extent % lanes == 0:
             if extent > lanes:
                 _, inner = sch.split(inner, factors=[None, lanes])
             sch.vectorize(inner)
-    return stats, relayout, {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_loops(init)[0])}
 
 
 def _pack_weight(sch: Any, block_rv: Any, gemm: GemmShape, width: int, group: int, relayout: dict[int, Relayout]) -> None:
@@ -335,7 +339,7 @@ def _pack_weight(sch: Any, block_rv: Any, gemm: GemmShape, width: int, group: in
         relayout[gemm.weight_param] = Relayout(permutation=(3, 0, 1, 2, 4), shape=(kh, kw, c, f // width, width))
 
 
-def _consumer_chain(sch: Any, block_rv: Any) -> list[Any]:
+def consumer_chain(sch: Any, block_rv: Any) -> list[Any]:
     """The elementwise blocks after the matmul, in order, each the one consumer of the block before
     it: they run on each tile while it is in registers. The chain ends before a reduction, or before
     a block that reads another block's output too; the last one in it writes a whole tensor."""

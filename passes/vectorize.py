@@ -8,6 +8,7 @@ from typing import Any
 
 from .apply_tuning import is_scheduled
 from .base import CompileContext, GraphPass
+from .depthwise import match_depthwise, schedule_depthwise
 from .gemm import COLUMN_VECTOR_CHOICES, Relayout, match, schedule_gemm
 from .gemm import loop_extent as _extent
 from .requantize import REQUANTIZE_STAGES
@@ -417,13 +418,14 @@ def schedule_kernel(func: Any, vector_bits: int, vector_float: bool, constant_pa
     from tvm import s_tir, tirx
 
     stats = {"inlined": 0, "vectorized_loops": 0, "scalar_float_blocks": 0, "gathers_left_scalar": 0, "rows_left_scalar": 0,
-             "fused_row_blocks": 0, "parallel_loops": 0, "gemm_kernels": 0, "dot_product_kernels": 0, "tails_peeled": 0, "concat_blocks": 0}
+             "fused_row_blocks": 0, "parallel_loops": 0, "gemm_kernels": 0, "dot_product_kernels": 0, "depthwise_kernels": 0, "tails_peeled": 0, "concat_blocks": 0}
     relayout: dict[int, Relayout] = {}
     tails: list[tuple[Any, int]] = []
     sch = s_tir.Schedule(func)
     # Hexagon (no float vectors) keeps the schedule below: HVX wants whole 128-byte int8 vectors
     gemms = _gemm_blocks(sch, constant_params) if vector_float else []
-    stats["inlined"] = _inline_elementwise(sch, keep=_operand_producers(sch, gemms, constant_params, vector_bits))
+    matmuls = [name for name in gemms if match(sch, sch.get_sblock(name), constant_params) is not None]
+    stats["inlined"] = _inline_elementwise(sch, keep=_operand_producers(sch, matmuls, constant_params, vector_bits))
     sch, tiled = _tile_gemms(sch, gemms, vector_bits, constant_params, parallel, features, stats, relayout)
     for block_rv in sch.get_child_blocks(sch.get_sblock("root")):
         block = sch.get(block_rv)
@@ -530,7 +532,7 @@ def _parallel_elementwise(sch: Any, block_rv: Any) -> bool:
 def _gemm_blocks(sch: Any, constant_params: frozenset[int]) -> list[str]:
     """The names of the kernel's matmul-shaped reductions (gemm.py), when the target has CPU vectors."""
     return [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))
-            if _is_reduction(sch.get(b)) and match(sch, b, constant_params) is not None]
+            if _is_reduction(sch.get(b)) and (match(sch, b, constant_params) is not None or match_depthwise(sch, b) is not None)]
 
 
 def _operand_producers(sch: Any, names: list[str], constant_params: frozenset[int], vector_bits: int) -> set[str]:
@@ -584,13 +586,18 @@ def _tiled(sch: Any, name: str, lanes: int, constant_params: frozenset[int], par
     """A copy of the schedule with matmul `name` in register tiles of `lanes`-wide vectors, with the
     stats, weight relayout and scheduled block names; None when the tiles do not fit."""
     trial = sch.copy()
-    gemm = match(trial, trial.get_sblock(name), constant_params)  # again: inlining may have changed the block
-    if gemm is None:
-        return None
+    block_rv = trial.get_sblock(name)
+    gemm = match(trial, block_rv, constant_params)  # again: inlining may have changed the block
+    depthwise = match_depthwise(trial, block_rv) if gemm is None else None
     try:
-        return (trial, *schedule_gemm(trial, trial.get_sblock(name), gemm, lanes, features, parallel, PARALLEL_MIN_WORK))
+        if gemm is not None:
+            return (trial, *schedule_gemm(trial, block_rv, gemm, lanes, features, parallel, PARALLEL_MIN_WORK))
+        if depthwise is not None:
+            stats, scheduled = schedule_depthwise(trial, block_rv, depthwise, lanes, features, parallel, PARALLEL_MIN_WORK)
+            return trial, stats, {}, scheduled
     except Exception:  # noqa: BLE001 - a shape the tiles do not fit
         return None
+    return None
 
 
 class Vectorize(GraphPass):
@@ -602,7 +609,7 @@ class Vectorize(GraphPass):
         from tvm import tirx
 
         totals = {"vector_bits": ctx.vector_bits, "parallel": ctx.parallel, "parallel_loops": 0, "kernels": 0, "kernels_vectorized": 0, "vectorized_loops": 0, "inlined": 0, "scalar_float_blocks": 0,
-                  "gathers_left_scalar": 0, "gemm_kernels": 0, "dot_product_kernels": 0, "rows_left_scalar": 0, "fused_row_blocks": 0, "tails_peeled": 0, "concat_blocks": 0,
+                  "gathers_left_scalar": 0, "gemm_kernels": 0, "dot_product_kernels": 0, "depthwise_kernels": 0, "rows_left_scalar": 0, "fused_row_blocks": 0, "tails_peeled": 0, "concat_blocks": 0,
                   "failed": 0}
         if ctx.vector_bits <= 0:
             return mod, {**totals, "skipped": "the target profile gives no vector width"}

@@ -103,6 +103,46 @@ def test_nhwc_conv_tiles_match_numpy(dtype: str, acc: str, kernel: int, stride: 
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3)
 
 
+def _depthwise_nhwc(size: int, channels: int, stride: int, dtype: str, acc_dtype: str):
+    """A 3x3 depthwise conv (TOPI's group conv, as Relax legalizes one) and a per-channel scale after it."""
+    from tvm import te, topi
+
+    data = te.placeholder((1, size, size, channels), dtype, name="data")
+    weight = te.placeholder((3, 3, 1, channels), "int8" if dtype == "uint8" else dtype, name="weight")
+    scale = te.placeholder((channels,), "float32", name="scale")
+    acc = topi.nn.group_conv2d_nhwc(data, weight, stride, 1, 1, channels, out_dtype=acc_dtype)
+    out = te.compute(acc.shape, lambda n, y, x, f: acc[n, y, x, f].astype("float32") * scale[f], name="T_multiply")
+    return te.create_prim_func([data, weight, scale, out])
+
+
+@pytest.mark.parametrize("dtype,acc", [("uint8", "int32"), ("float32", "float32")])
+@pytest.mark.parametrize("channels,stride", [(48, 1), (72, 2), (24, 1)])
+def test_depthwise_conv_tiles_match_numpy(dtype: str, acc: str, channels: int, stride: int) -> None:
+    # 512-bit vectors: 72 and 24 channels are no whole number of 16-lane vectors and take 8 lanes
+    scheduled, stats, _ = schedule_kernel(_depthwise_nhwc(16, channels, stride, dtype, acc), 512, True, parallel=True,
+                                          features=_host_features())
+    assert stats["depthwise_kernels"] == 1
+    rng = np.random.default_rng(channels + stride)
+    if dtype == "uint8":
+        x = rng.integers(0, 256, (1, 16, 16, channels), dtype=np.uint8)
+        w = rng.integers(-127, 128, (3, 3, 1, channels), dtype=np.int8)
+    else:
+        x = rng.standard_normal((1, 16, 16, channels)).astype(np.float32)
+        w = rng.standard_normal((3, 3, 1, channels)).astype(np.float32)
+    scale = np.ones(channels, np.float32) if dtype == "uint8" else rng.standard_normal(channels).astype(np.float32)
+    xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out_size = (16 + 2 - 3) // stride + 1
+    expected = np.zeros((1, out_size, out_size, channels))
+    for ry in range(3):
+        for rx in range(3):
+            expected += xp[:, ry: ry + stride * out_size: stride, rx: rx + stride * out_size: stride, :] * w[ry, rx, 0].astype(np.float64)
+    got = _run(scheduled, [x, w, scale, np.zeros((1, out_size, out_size, channels), np.float32)], {})
+    if dtype == "uint8":
+        np.testing.assert_array_equal(got, expected.astype(np.float32))  # integer sums, exact
+    else:
+        np.testing.assert_allclose(got, expected * scale, rtol=1e-4, atol=1e-4)
+
+
 def _elementwise_kernel(function, n: int):
     from tvm import te
 
