@@ -589,6 +589,8 @@ def _tiled(sch: Any, name: str, lanes: int, constant_params: frozenset[int], par
     block_rv = trial.get_sblock(name)
     gemm = match(trial, block_rv, constant_params)  # again: inlining may have changed the block
     depthwise = match_depthwise(trial, block_rv) if gemm is None else None
+    if gemm is not None and gemm.b_dtype == "decoded" and lanes > 8:
+        return None  # int4 codes decoded into 16 lanes: LLVM's shuffles made MiniLM int4-weight 41 -> 237 ms
     try:
         if gemm is not None:
             return (trial, *schedule_gemm(trial, block_rv, gemm, lanes, features, parallel, PARALLEL_MIN_WORK))
