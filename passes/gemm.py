@@ -306,17 +306,28 @@ def schedule_gemm(sch: Any, block_rv: Any, gemm: GemmShape, lanes: int, features
 
 
 def keep_tile_in_registers(sch: Any, init: Any, consumers: list[Any], lanes: int) -> None:
-    """The tile (the reduction's init) and the epilogue's intermediates compacted to the tile's
-    shape and kept in registers ("local"); each epilogue stage vectorized in `lanes`."""
-    for producer in [init, *consumers][:-1]:
-        sch.set_scope(producer, 0, "local")
-    for consumer in consumers:
-        inner = sch.get_loops(consumer)[-1]
-        extent = loop_extent(sch, inner) or 0
-        if extent >= lanes and extent % lanes == 0:
-            if extent > lanes:
-                _, inner = sch.split(inner, factors=[None, lanes])
-            sch.vectorize(inner)
+    """The tile (the reduction's init) compacted to the tile's shape and kept in registers
+    ("local"); the epilogue run one vector of `lanes` at a time: every stage before the last is
+    computed at the last stage's loop over vectors, so its intermediate is one vector. (A tile-sized
+    intermediate of 1 KiB or more is no stack variable: TVM allocated it from the workspace pool
+    inside the parallel loop, a call per tile and stage, and it lived in memory.)"""
+    sch.set_scope(init, 0, "local")
+    last = consumers[-1]
+    inner = sch.get_loops(last)[-1]
+    extent = loop_extent(sch, inner) or 0
+    if extent < lanes or extent % lanes:
+        for consumer in consumers[:-1]:
+            sch.set_scope(consumer, 0, "local")
+        return
+    anchor = None
+    if extent > lanes:
+        anchor, inner = sch.split(inner, factors=[None, lanes])
+    sch.vectorize(inner)
+    for consumer in reversed(consumers[:-1]):
+        if anchor is not None:
+            sch.compute_at(consumer, anchor)
+        sch.set_scope(consumer, 0, "local")
+        sch.vectorize(sch.get_loops(consumer)[-1])
 
 
 def _pack_weight(sch: Any, block_rv: Any, gemm: GemmShape, width: int, group: int, relayout: dict[int, Relayout]) -> None:
