@@ -4,7 +4,7 @@
 filter per channel) is no matmul: every multiply-add reads its own input element, so the GEMM
 tiles do not apply. The generic schedule ran it one output pixel at a time into a full-size
 accumulator tensor, then each epilogue stage (rescale, bias, clip, the next quantize) as one more
-pass over memory. Here the output runs in tiles of up to 4 pixels along x by up to 8 vectors of
+pass over memory. Here the output runs in tiles of up to 16 pixels along x by up to 8 vectors of
 channels that stay in registers over the 3x3 window: each tap loads its weight vectors once for
 the tile's pixels, and the epilogue runs on the tile before it is stored. The padding stays a
 copy (the taps read a plain tensor, no bounds test per load).
