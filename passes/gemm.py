@@ -85,7 +85,7 @@ def match_gemm(sch: Any, block_rv: Any, constant_params: frozenset[int]) -> Gemm
     batch = spatial[:-2]
     extents = [loop_extent(sch, loop) for loop in loops]
     # a symbolic batch or m (a dynamic batch of rows) is fine: n and k are the tile's
-    if not (_indexed_by(a, [*spatial[:-1], k_var]) and _indexed_by(c, spatial)) or None in extents[-2:]:
+    if not (indexed_by(a, [*spatial[:-1], k_var]) and indexed_by(c, spatial)) or None in extents[-2:]:
         return None
     decoded = len(block.reads) > 2
     if decoded:
@@ -96,7 +96,7 @@ def match_gemm(sch: Any, block_rv: Any, constant_params: frozenset[int]) -> Gemm
 
         if any(uses_rows(r.min) for region in block.reads[1:] for r in region.region):
             return None
-    elif not (_indexed_by(b, [k_var, spatial[-1]]) or _indexed_by(b, [*batch, k_var, spatial[-1]])):
+    elif not (indexed_by(b, [k_var, spatial[-1]]) or indexed_by(b, [*batch, k_var, spatial[-1]])):
         return None
     weight = not decoded and len(b.region) == 2  # B [k, n], not per batch
     return GemmShape(batch=loops[:-3], row=loops[-3], column=loops[-2], reduce=[loops[-1]], m=extents[-3] or 0, n=extents[-2], k=extents[-1],
@@ -105,7 +105,7 @@ def match_gemm(sch: Any, block_rv: Any, constant_params: frozenset[int]) -> Gemm
                      weight_shape=tuple(int(d) for d in b.source.shape) if weight else ())
 
 
-def _indexed_by(region: Any, variables: list[Any]) -> bool:
+def indexed_by(region: Any, variables: list[Any]) -> bool:
     """The buffer region is exactly one element at the given iteration variables."""
     from tvm import tirx
 
@@ -136,7 +136,7 @@ def match_conv_nhwc(sch: Any, block_rv: Any, constant_params: frozenset[int]) ->
     n, y, x, f, ry, rx, rc = (iv.var for iv in block.iter_vars)
     a, b = block.reads
     c = block.writes[0]
-    if not (_indexed_by(b, [ry, rx, rc, f]) and _indexed_by(c, [n, y, x, f]) and len(a.region) == 4 and a.region[3].min.same_as(rc)):
+    if not (indexed_by(b, [ry, rx, rc, f]) and indexed_by(c, [n, y, x, f]) and len(a.region) == 4 and a.region[3].min.same_as(rc)):
         return None
     extents = [loop_extent(sch, loop) for loop in loops]
     if None in extents[1:]:  # a symbolic batch (n) is fine
@@ -271,13 +271,12 @@ def schedule_gemm(sch: Any, block_rv: Any, gemm: GemmShape, lanes: int, features
     # column panels outermost: one panel of B (k x the tile's columns) is read from cache by every
     # row tile (and every output row of a conv) before the next; rows outermost streamed all of B
     # (MiniLM's 2.4 MB FFN weights, more than a core's L2) once per row tile
-    inner = [*gemm.reduce[:-1]]
     if dot is not None:
         k_outer, k_inner = sch.split(gemm.reduce[-1], factors=[None, group])
-        sch.reorder(col_outer, *gemm.batch, row_outer, *inner, k_outer, row_inner, col_vector, col_lane, k_inner)
+        sch.reorder(col_outer, *gemm.batch, row_outer, *gemm.reduce[:-1], k_outer, row_inner, col_vector, col_lane, k_inner)
     else:
         k_outer = gemm.reduce[-1]
-        sch.reorder(col_outer, *gemm.batch, row_outer, *inner, k_outer, row_inner, col_vector, col_lane)
+        sch.reorder(col_outer, *gemm.batch, row_outer, *gemm.reduce[:-1], k_outer, row_inner, col_vector, col_lane)
     consumers = consumer_chain(sch, block_rv)
     if not consumers:  # the tile accumulates in registers all the same, and is written out once
         consumers = [sch.cache_write(block_rv, 0, "global")]  # "local" after tensorize (the intrinsic's buffers are global)

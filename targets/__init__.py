@@ -7,6 +7,7 @@ toolchain commands, supported ops); the few facts data cannot say live in `Targe
 from __future__ import annotations
 
 import dataclasses
+import functools
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -200,8 +201,10 @@ def all_profiles() -> list[TargetProfile]:
     return [load_profile(n) for n in profile_names()]
 
 
+@functools.lru_cache(maxsize=1)
 def _host_features() -> tuple[str, ...]:
-    """The features LLVM detects on this CPU."""
+    """The features LLVM detects on this CPU (asked once per process: the host target and the
+    schedule's vector width both need them, on every compile)."""
     import tvm
     from tvm.target import codegen  # compiler-side import, only when building
 
