@@ -321,6 +321,11 @@ def keep_tile_in_registers(sch: Any, init: Any, consumers: list[Any], lanes: int
     anchor = None
     if extent > lanes:
         anchor, inner = sch.split(inner, factors=[None, lanes])
+    else:  # one vector per row: the loop over the tile's rows (a loop of the tile's, not one around it)
+        loops = sch.get_loops(last)
+        outer = {sch.get(loop) for loop in sch.get_loops(init)}
+        if len(loops) >= 2 and sch.get(loops[-2]) not in outer:
+            anchor = loops[-2]
     sch.vectorize(inner)
     for consumer in reversed(consumers[:-1]):
         if anchor is not None:

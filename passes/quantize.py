@@ -136,6 +136,7 @@ def _rewrite(mod: Any, layers: list[Layer], options: dict[str, Any], stats: dict
         stats["integer_mean_pools"] = rewriter.pools_requantized
     stats["padded_matmul_columns"] = rewriter.padded_columns
     stats["padded_conv_channels"] = rewriter.padded_channels
+    stats["split_matmul_columns"] = rewriter.split_columns  # columns of a dot-product matmul done by a plain tail matmul
     # CanonicalizeBindings: the integer-requantize path binds the dequantized output to the layer's
     # var through an alias (v = dequantized), which FuseOps would treat as a kernel boundary
     # (not with taps: they are aliases, which it would remove)
@@ -850,6 +851,7 @@ class _Rewriter:
         self.column_multiple, self.channel_multiple = multiples
         self.padded_columns = 0
         self.padded_channels = 0
+        self.split_columns = 0
         self.plans = plans
         # With `switch` (a bool vector var), layer i computes where(switch[i], quantized, float):
         # one module measures any subset of quantized layers (see sensitivity.py).
@@ -1074,19 +1076,27 @@ class _Rewriter:
         return self.dequantize(acc, rescale, layer.zero_point * wq.astype(np.int64).sum(axis=0), _acc_bound(wq, 1, layer), mutator)
 
     def padded_matmul(self, data: Any, wq: np.ndarray) -> Any:
-        """matmul(data, wq) in int32; with fewer columns than the multiple (a 10-way head: no vector
-        at all), of wq with zero columns up to it, sliced back. Wider layers are not padded: the
-        zero columns ship in the artifact (MobileNet's 1000 -> 1008 for VNNI was 8% faster, but
-        its int8 weights went from 25.9% to 26.05% of float)."""
+        """matmul(data, wq) in int32, shaped for the target's int8 dot product (`column_multiple`
+        lanes, when `channel_multiple` > 1 says there is one). Fewer columns than the multiple (a
+        10-way head: no vector at all): wq with zero columns up to it, sliced back. More columns but
+        no multiple of it (MobileNet's 1000 classes, VNNI's 16): two matmuls, the dot product on the
+        largest multiple and a plain one on the rest, concatenated; padding instead would ship zero
+        columns (1000 -> 1008 took int8 weights from 25.9% to 26.05% of float)."""
         from tvm import relax
 
+        op = relax.op
         columns = wq.shape[1]
-        padded = self.column_multiple
-        if columns >= padded:
-            return relax.op.matmul(data, relax.const(wq), out_dtype="int32")
-        self.padded_columns += padded - columns
-        acc = relax.op.matmul(data, relax.const(np.pad(wq, [(0, 0), (0, padded - columns)])), out_dtype="int32")
-        return relax.op.strided_slice(acc, axes=[data.ty.ndim - 1], begin=[0], end=[columns])
+        multiple = self.column_multiple
+        if columns < multiple:
+            self.padded_columns += multiple - columns
+            acc = op.matmul(data, relax.const(np.pad(wq, [(0, 0), (0, multiple - columns)])), out_dtype="int32")
+            return op.strided_slice(acc, axes=[data.ty.ndim - 1], begin=[0], end=[columns])
+        main = columns - columns % multiple
+        if main == columns or self.channel_multiple == 1:
+            return op.matmul(data, relax.const(wq), out_dtype="int32")
+        self.split_columns += columns - main
+        parts = [op.matmul(data, relax.const(np.ascontiguousarray(w)), out_dtype="int32") for w in (wq[:, :main], wq[:, main:])]
+        return op.concat(parts, axis=-1)
 
     def take_int8(self, call: Any) -> Any:
         from tvm import relax

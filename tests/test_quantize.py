@@ -200,6 +200,35 @@ def test_int8_conv_equals_the_quantized_reference(tmp_path: Path, activation_dty
     assert np.max(np.abs(actual - expected)) <= 1e-5 * np.max(np.abs(expected))
 
 
+def test_int8_matmul_with_a_column_tail_equals_the_quantized_reference(tmp_path: Path) -> None:
+    """40 output columns on a CPU whose int8 dot product takes 16: the dot product computes 32 and a
+    plain matmul the last 8 (no zero columns stored); the result equals the float matmul of the
+    dequantized operands to float rounding."""
+    rng = np.random.default_rng(3)
+    weight = rng.standard_normal((64, 40)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="matmul")], "matmul",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 40])], [numpy_helper.from_array(weight, "W")])
+    model = tmp_path / "matmul.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model)
+    samples = [{"x": rng.standard_normal((3, 64)).astype(np.float32)} for _ in range(4)]
+    art = api.compile(model, "host", tmp_path / "matmul.int8", quantize="int8", calibration=samples, calibrate_method="minmax", progress=False)
+    profile = load_profile("host")
+    multiple = int8_column_multiple(profile.llvm_features(), profile.schedule_vector_bits())
+    has_dot_product = int8_reduction_multiple(profile.llvm_features()) > 1
+    quant = art.manifest["quantization"]
+    assert quant["split_matmul_columns"] == (40 % multiple if has_dot_product else 0)
+    assert quant["padded_matmul_columns"] == 0
+    (layer,) = quant["quantized"]
+    scale, zero = layer["input_scale"], layer["input_zero_point"]
+    x = samples[0]["x"]
+    x_dq = (np.clip(np.rint(x * np.float32(1 / scale)) + zero, 0, 255) - zero) * scale
+    wq, w_scale = quantize_per_channel(weight, axis=1)
+    expected = x_dq.astype(np.float64) @ (wq.astype(np.float64) * w_scale[None, :])
+    actual = art.run({"x": x})["y"]
+    assert np.max(np.abs(actual - expected)) <= 1e-5 * np.max(np.abs(expected))
+
+
 # --------------------------------------------------------------------------------- MiniLM, real weights
 
 @pytest.fixture(scope="module")
