@@ -11,9 +11,11 @@ For each model, in one run on this machine:
     128), the CNNs on 8 seeded random images of the timing input's distribution (their weights
     are random too); for MiniLM also socc int4-weight.
 Latency: median of --runs timed calls after --warmup calls, same inputs, wall clock (perf_counter),
-each runtime timed in fresh processes of its own (`--time`), the median of 3 processes' medians:
-a live onnxruntime session's threads slowed TVM's calls in the same process by ~25% (ResNet18-like
-0.97 -> 1.25 ms on a 2-core Xeon), and one process's median moved by up to 20% from the next.
+each runtime timed in fresh processes of its own (`--time`): a live onnxruntime session's threads
+slowed TVM's calls in the same process by ~25% (ResNet18-like 0.97 -> 1.25 ms on a 2-core Xeon).
+The runtimes of a model are timed in 5 interleaved rounds (socc, socc unfused, onnxruntime, socc
+int8, ...; the order rotated each round), the median over rounds kept: the machine's speed drifts
+for seconds at a time, and timed one after the other a slow spell fell on one runtime only.
 Writes bench-results/bench.json and bench.md and prints one `BENCH ...` line per model.
 """
 
@@ -35,7 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 THREADS = int(os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1)))
-PROCESSES = 3  # fresh processes per latency (see `timed`)
+ROUNDS = 5  # interleaved rounds of fresh processes per latency (see `timed_rounds`)
 
 
 def median_ms(call: Callable[[], Any], warmup: int, runs: int) -> float:
@@ -87,12 +89,15 @@ def cosine(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
     return min(values) if values else 1.0
 
 
-def quantized_columns(name: str, path: Path, inputs: dict[str, np.ndarray], shapes: dict[str, list[int]], art: Any,
-                      out: Path, warmup: int, runs: int) -> dict[str, Any]:
+def quantized_builds(name: str, path: Path, inputs: dict[str, np.ndarray], shapes: dict[str, list[int]], art: Any,
+                     out: Path) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Compiles the quantized artifacts (int8; MiniLM also int4-weight): their columns but latency,
+    and the artifacts to time."""
     import toolchain
 
     reference = art.run(inputs)
     row: dict[str, Any] = {}
+    to_time: dict[str, Path] = {}
     schemes = [("int8", {"quantize": "int8", "calibration": calibration(name, inputs)})]
     if name.startswith("minilm"):
         schemes.append(("int4", {"quantize": "int4-weight"}))
@@ -100,24 +105,36 @@ def quantized_columns(name: str, path: Path, inputs: dict[str, np.ndarray], shap
         start = time.perf_counter()
         quantized = toolchain.compile(path, "host", out / f"{name}.{label}", shape=shapes, progress=False, **options)
         row[f"{label}_compile_s"] = round(time.perf_counter() - start, 1)
-        row[f"socc_{label}_ms"] = timed("artifact", quantized.path, out / f"{name}.inputs.npz", warmup, runs)["ms"]
+        to_time[f"socc_{label}_ms"] = quantized.path
         row[f"{label}_cosine"] = cosine(quantized.run(inputs), reference)
         row[f"{label}_weights_ratio"] = quantized.manifest["quantization"]["weights_ratio"]
-    return row
+    return row, to_time
 
 
-def timed(kind: str, target: Path, inputs_file: Path, warmup: int, runs: int, processes: int = PROCESSES) -> dict[str, float]:
-    """Median latency (`ms`) of one runtime on the inputs: each of `processes` fresh processes
-    (`--time`) times it, the median of their medians is kept (one process's median moved by up to
-    20% from the next: ResNet18-like 0.96-1.14 ms); for `tvm-default` also its compile seconds."""
+def timed(kind: str, target: Path, inputs_file: Path, warmup: int, runs: int) -> dict[str, float]:
+    """One runtime's median latency (`ms`) on the inputs, timed in a fresh process (`--time`); for
+    `tvm-default` also its compile seconds."""
     command = [sys.executable, str(Path(__file__).resolve()), "--time", kind, str(target), str(inputs_file), str(warmup), str(runs)]
-    results = []
-    for _ in range(processes):
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"timing {kind} {target} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    return {**results[0], "ms": statistics.median(r["ms"] for r in results)}
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"timing {kind} {target} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def timed_rounds(runtimes: dict[str, tuple[str, Path]], inputs_file: Path, warmup: int, runs: int, rounds: int = ROUNDS) -> dict[str, float]:
+    """Each runtime's latency (key -> ms): `rounds` rounds, each timing every runtime once in a fresh
+    process, the order rotated from round to round; the median over rounds is kept. On a shared
+    2-core VM the speed of the machine drifts for seconds at a time (the same artifact 0.37 and 0.65
+    ms in back-to-back processes, onnxruntime 0.38 and 0.74): timed one after the other, a slow
+    spell fell on one runtime only; interleaved, every runtime sees it."""
+    keys = list(runtimes)
+    samples: dict[str, list[float]] = {key: [] for key in keys}
+    for r in range(rounds):
+        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+            kind, target = runtimes[key]
+            samples[key].append(timed(kind, target, inputs_file, warmup, runs)["ms"])
+    return {**{key: statistics.median(values) for key, values in samples.items()},
+            "latency_samples_ms": {key: [round(v, 4) for v in values] for key, values in samples.items()}}
 
 
 def time_one(kind: str, target: Path, inputs_file: Path, warmup: int, runs: int) -> dict[str, float]:
@@ -197,23 +214,23 @@ def bench_model(name: str, path: Path, inputs: dict[str, np.ndarray], shapes: di
     unfused = toolchain.compile(path, "host", out / f"{name}.unfused", shape=shapes, skip_pass=unfused_passes(), progress=False)
     inputs_file = out / f"{name}.inputs.npz"
     np.savez(inputs_file, **inputs)
-    default = timed("tvm-default", path, inputs_file, warmup, runs, processes=1)  # compiles in its process: once
-    default_compile_s = default["compile_s"]
+    default = timed("tvm-default", path, inputs_file, warmup, runs)  # compiles in its process (minutes for MiniLM): once
     row: dict[str, Any] = {
         "model": name,
-        "socc_ms": timed("artifact", art.path, inputs_file, warmup, runs)["ms"],
-        "unfused_ms": timed("artifact", unfused.path, inputs_file, warmup, runs)["ms"],
         "tvm_default_ms": default["ms"],
-        "ort_ms": timed("ort", path, inputs_file, warmup, runs)["ms"],
         "kernels": kernels(art),
         "kernels_unfused": kernels(unfused),
         "compile_s": round(compile_s, 1),
-        "tvm_default_compile_s": round(default_compile_s, 1),
+        "tvm_default_compile_s": round(default["compile_s"], 1),
         "artifact_bytes": sum(f["size"] for f in art.manifest["files"].values()),
         **{k: art.manifest["memory"][k] for k in ("arena_bytes", "lower_bound_bytes", "tvm_default_bytes", "weights_bytes", "peak_bytes")},
         "verified": toolchain.verify(art, model=path, inputs=inputs).ok,
     }
-    row.update(quantized_columns(name, path, inputs, shapes, art, out, warmup, runs))
+    quantized, quantized_paths = quantized_builds(name, path, inputs, shapes, art, out)
+    row.update(quantized)
+    runtimes = {"socc_ms": ("artifact", art.path), "unfused_ms": ("artifact", unfused.path), "ort_ms": ("ort", path),
+                **{key: ("artifact", target) for key, target in quantized_paths.items()}}
+    row.update(timed_rounds(runtimes, inputs_file, warmup, runs))
     row["int8_speedup"] = row["socc_ms"] / row["socc_int8_ms"]
     row["ratio_vs_ort"] = row["socc_ms"] / row["ort_ms"]
     row["ratio_vs_tvm_default"] = row["socc_ms"] / row["tvm_default_ms"]
@@ -263,7 +280,7 @@ def main() -> int:
         print(f"BENCH model={name} socc_ms={row['socc_ms']:.3f} socc_int8_ms={row['socc_int8_ms']:.3f} tvm_default_ms={row['tvm_default_ms']:.3f} "
               f"ort_ms={row['ort_ms']:.3f} ratio_vs_ort={row['ratio_vs_ort']:.3f}", flush=True)
     table = markdown(rows)
-    print(f"\nthreads={THREADS} (TVM_NUM_THREADS and onnxruntime intra-op), host={os.uname().machine}, median of {args.runs} after {args.warmup} warm-up, median of {PROCESSES} fresh processes\n")
+    print(f"\nthreads={THREADS} (TVM_NUM_THREADS and onnxruntime intra-op), host={os.uname().machine}, median of {args.runs} after {args.warmup} warm-up, median of {ROUNDS} interleaved rounds of fresh processes\n")
     print(table)
     (args.out / "bench.json").write_text(json.dumps({"threads": THREADS, "runs": args.runs, "rows": rows}, indent=2))
     (args.out / "bench.md").write_text(table + "\n")
