@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .gemm import consumer_chain, indexed_by, keep_tile_in_registers, loop_extent, tile_shape, vector_registers
+from .gemm import STACK_ALLOCA_BYTES, consumer_chain, indexed_by, keep_tile_in_registers, loop_extent, tile_shape, vector_registers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +59,11 @@ def schedule_depthwise(sch: Any, block_rv: Any, shape: DepthwiseShape, lanes: in
     if shape.channels % lanes:
         raise ValueError(f"{shape.channels} channels are not whole vectors of {lanes}")
     n, y, x, f, ry, rx, rc = shape.loops
-    rows, vectors = tile_shape(shape.width, shape.channels // lanes, vector_registers(features))
+    # accumulators under TVM's stack limit: a tile of 1 KiB or more comes from its workspace pool,
+    # and past the padding's bounds tests between taps LLVM then stored every accumulator to it
+    # after every multiply-add (16 pixels x 16 int32 lanes: the int8 48x48x16 conv)
+    accumulator_bytes = lanes * 4
+    rows, vectors = tile_shape(shape.width, shape.channels // lanes, vector_registers(features), (STACK_ALLOCA_BYTES - 1) // accumulator_bytes)
     x_outer, x_inner = sch.split(x, factors=[None, rows])
     f_outer, f_vector, f_lane = sch.split(f, factors=[None, vectors, lanes])
     sch.reorder(n, y, x_outer, f_outer, ry, rx, rc, x_inner, f_vector, f_lane)

@@ -9,7 +9,7 @@ from typing import Any
 from .apply_tuning import is_scheduled
 from .base import CompileContext, GraphPass
 from .depthwise import match_depthwise, schedule_depthwise
-from .gemm import COLUMN_VECTOR_CHOICES, Relayout, match, schedule_gemm
+from .gemm import COLUMN_VECTOR_CHOICES, STACK_ALLOCA_BYTES, Relayout, match, schedule_gemm
 from .gemm import loop_extent as _extent
 from .requantize import REQUANTIZE_STAGES
 
@@ -298,8 +298,6 @@ def _peel_tails(sch: Any, tails: list[tuple[Any, int]]) -> int:
     return peeled
 
 
-STACK_ALLOCA_BYTES = 1024  # TVM's kMaxStackAlloca: smaller kernel intermediates live on the stack
-
 
 def _on_stack(sch: Any, buffer: Any) -> bool:
     """The buffer is an intermediate of the kernel (not a parameter) under STACK_ALLOCA_BYTES."""
@@ -322,11 +320,12 @@ def _work(sch: Any, loops: list[Any]) -> int:
     return total
 
 
-def _parallel_outer(sch: Any, outer: list[Any], work: int) -> bool:
+def _parallel_outer(sch: Any, outer: list[Any], work: int, min_work: int = 0) -> bool:
     """Fuses the given outer spatial loops into one and runs it on the thread pool, when the nest has
-    `PARALLEL_MIN_WORK` iterations and the fused loop more than one (before decompose_reduction:
-    TVM parallelizes a loop over a whole reduction block, not over its separated update)."""
-    if work < PARALLEL_MIN_WORK or not outer or _work(sch, outer) < 2:
+    `min_work` (default `PARALLEL_MIN_WORK`) iterations and the fused loop more than one (before
+    decompose_reduction: TVM parallelizes a loop over a whole reduction block, not over its
+    separated update)."""
+    if work < (min_work or PARALLEL_MIN_WORK) or not outer or _work(sch, outer) < 2:
         return False
     try:
         sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
@@ -405,6 +404,7 @@ def _channels_last_stages(sch: Any, block_rv: Any) -> None:
 # A reduction with at least this many multiply-adds runs its outer spatial loops on the thread
 # pool: below it, waking the pool costs more than the work it shares.
 PARALLEL_MIN_WORK = 1 << 16
+SCALAR_ELEMENT_COST = 8  # an element of a block left scalar costs about as much as this many vector lanes
 
 
 def schedule_kernel(func: Any, vector_bits: int, vector_float: bool, constant_params: frozenset[int] = frozenset(),
@@ -489,10 +489,13 @@ def schedule_kernel(func: Any, vector_bits: int, vector_float: bool, constant_pa
                 continue
             if _gathers(block):
                 stats["gathers_left_scalar"] += 1
+                if parallel and _parallel_elementwise(sch, block_rv, PARALLEL_MIN_WORK // SCALAR_ELEMENT_COST, scalar=True):
+                    stats["parallel_loops"] += 1
                 continue
             # a requantize stage's int64 products on half a vector: LLVM splits them into scalar
             # 64-bit multiplies (the 16-channel stem: 4620 instructions, 20% HVX); whole vectors only
             smallest = lanes if _kept_stage(block) else 0
+            scalar = False
             # the innermost loop alone, when a vector width divides it: fused with the loops around
             # it, a vector crosses rows and TVM vectorizes its `fused // W` indices lane by lane;
             # except (pixel, channel) of a block whose accesses stay runs when fused (_vectorize_fused_rows)
@@ -506,27 +509,30 @@ def schedule_kernel(func: Any, vector_bits: int, vector_float: bool, constant_pa
                     continue  # (the partition made blocks of their own: no parallel loop over them)
                 else:
                     stats["rows_left_scalar"] += 1
+                    scalar = True
             elif _vectorize_innermost(sch, loops[-1], lanes, smallest=smallest):
                 stats["vectorized_loops"] += 1
-            # a large elementwise pass shares the thread pool too
-            if parallel and _parallel_elementwise(sch, block_rv):
+            # a large elementwise pass shares the thread pool too; a scalar one from fewer elements
+            # (the int8 CNNs' input quantize + NCHW -> NHWC + pad, 38K bytes: 17.6 us on one thread)
+            if parallel and _parallel_elementwise(sch, block_rv, PARALLEL_MIN_WORK // SCALAR_ELEMENT_COST if scalar else 0, scalar):
                 stats["parallel_loops"] += 1
     stats["tails_peeled"] += _peel_tails(sch, tails)
     return sch.mod["main"], stats, relayout
 
 
-def _parallel_elementwise(sch: Any, block_rv: Any) -> bool:
-    """An elementwise block of at least PARALLEL_MIN_WORK elements: its loops outside the vector (and
-    unrolled) ones fused into one parallel loop."""
+def _parallel_elementwise(sch: Any, block_rv: Any, min_work: int = 0, scalar: bool = False) -> bool:
+    """An elementwise block of at least `min_work` (default PARALLEL_MIN_WORK) elements: its loops
+    outside the vector (and unrolled) ones fused into one parallel loop; a scalar block's outside
+    its two innermost (one fused loop over every element pays a division per element)."""
     from tvm import tirx
 
     loops = sch.get_loops(block_rv)
     outer = []
-    for loop in loops:
+    for loop in loops[:-2] if scalar and len(loops) > 2 else loops:
         if sch.get(loop).kind != tirx.ForKind.SERIAL:
             break
         outer.append(loop)
-    return _parallel_outer(sch, outer, _work(sch, loops))
+    return _parallel_outer(sch, outer, _work(sch, loops), min_work)
 
 
 def _gemm_blocks(sch: Any, constant_params: frozenset[int]) -> list[str]:
