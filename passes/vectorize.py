@@ -536,7 +536,7 @@ def _parallel_elementwise(sch: Any, block_rv: Any, min_work: int = 0, scalar: bo
 
 
 def _gemm_blocks(sch: Any, constant_params: frozenset[int]) -> list[str]:
-    """The names of the kernel's matmul-shaped reductions (gemm.py), when the target has CPU vectors."""
+    """The names of the kernel's matmul-shaped reductions (gemm.py) and depthwise convs (depthwise.py)."""
     return [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))
             if _is_reduction(sch.get(b)) and (match(sch, b, constant_params) is not None or match_depthwise(sch, b) is not None)]
 
@@ -566,9 +566,9 @@ def _operand_producers(sch: Any, names: list[str], constant_params: frozenset[in
 
 def _tile_gemms(sch: Any, names: list[str], vector_bits: int, constant_params: frozenset[int], parallel: bool, features: frozenset[str],
                 stats: dict[str, int], relayout: dict[int, Relayout]) -> tuple[Any, set[str]]:
-    """Each matmul of the kernel in register tiles with its elementwise epilogue (gemm.py). Returns
-    the schedule and the names of the blocks it scheduled; a matmul the tiles do not fit is left
-    to the generic schedule."""
+    """Each matmul or depthwise conv of the kernel in register tiles with its elementwise epilogue
+    (gemm.py, depthwise.py). Returns the schedule and the names of the blocks it scheduled; a block
+    the tiles do not fit is left to the generic schedule."""
     done: set[str] = set()
     lanes = max(vector_bits // 32, 1)
     # 512-bit vectors (AVX-512) fall back to 256-bit ones for a matmul whose columns only those divide
@@ -589,8 +589,9 @@ def _tile_gemms(sch: Any, names: list[str], vector_bits: int, constant_params: f
 
 def _tiled(sch: Any, name: str, lanes: int, constant_params: frozenset[int], parallel: bool,
            features: frozenset[str]) -> tuple[Any, dict[str, int], dict[int, Relayout], set[str]] | None:
-    """A copy of the schedule with matmul `name` in register tiles of `lanes`-wide vectors, with the
-    stats, weight relayout and scheduled block names; None when the tiles do not fit."""
+    """A copy of the schedule with block `name` (a matmul or a depthwise conv) in register tiles of
+    `lanes`-wide vectors, with the stats, weight relayout and scheduled block names; None when the
+    tiles do not fit."""
     trial = sch.copy()
     block_rv = trial.get_sblock(name)
     gemm = match(trial, block_rv, constant_params)  # again: inlining may have changed the block
