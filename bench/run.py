@@ -6,6 +6,7 @@ For each model, in one run on this machine:
   - plain TVM: `from_onnx` + `tvm.compile` with its default pipeline on the same ONNX;
   - onnxruntime, CPU provider, the same thread count;
   - the memory plan: arena vs lower bound vs TVM's StaticPlanBlockMemory, weights, peak;
+  - onnxruntime's own int8 (`quantize_static`: QDQ, per-channel, same calibration samples);
   - socc int8 (`--quantize int8`, default observer): latency, weights vs float, and the cosine of
     its outputs against the float artifact's. Calibration: MiniLM on real sentences (padded to
     128), the CNNs on 8 seeded random images of the timing input's distribution (their weights
@@ -116,6 +117,30 @@ def quantized_builds(name: str, path: Path, inputs: dict[str, np.ndarray], shape
         row[f"{label}_cosine"] = values[JUDGED_OUTPUT[name]] if name in JUDGED_OUTPUT else min(values.values(), default=1.0)
         row[f"{label}_weights_ratio"] = quantized.manifest["quantization"]["weights_ratio"]
     return row, to_time
+
+
+def onnxruntime_int8(name: str, path: Path, inputs: dict[str, np.ndarray], out: Path) -> Path | None:
+    """The model quantized by onnxruntime itself (`quantize_static`: QDQ, per-channel int8 weights,
+    uint8 activations, the same calibration samples as socc's), to time onnxruntime's int8 beside
+    socc's; None where onnxruntime cannot quantize it."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    samples = iter(calibration(name, inputs))
+
+    class Samples(CalibrationDataReader):
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(samples, None)
+
+    prepared, quantized = out / f"{name}.ort-pre.onnx", out / f"{name}.ort-int8.onnx"
+    try:
+        quant_pre_process(str(path), str(prepared))
+        quantize_static(str(prepared), str(quantized), Samples(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    except Exception as exc:  # noqa: BLE001 - reported, the rest of the bench goes on
+        print(f"[bench] onnxruntime could not quantize {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None
+    return quantized
 
 
 def timed(kind: str, target: Path, inputs_file: Path, warmup: int, runs: int) -> dict[str, float]:
@@ -237,6 +262,9 @@ def bench_model(name: str, path: Path, inputs: dict[str, np.ndarray], shapes: di
     row.update(quantized)
     runtimes = {"socc_ms": ("artifact", art.path), "unfused_ms": ("artifact", unfused.path), "ort_ms": ("ort", path),
                 **{key: ("artifact", target) for key, target in quantized_paths.items()}}
+    ort_int8 = onnxruntime_int8(name, path, inputs, out)
+    if ort_int8 is not None:
+        runtimes["ort_int8_ms"] = ("ort", ort_int8)
     row.update(timed_rounds(runtimes, inputs_file, warmup, runs))
     row["int8_speedup"] = row["socc_ms"] / row["socc_int8_ms"]
     row["ratio_vs_ort"] = row["socc_ms"] / row["ort_ms"]
@@ -246,13 +274,14 @@ def bench_model(name: str, path: Path, inputs: dict[str, np.ndarray], shapes: di
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    head = ("| model | socc ms | int8 ms | float/int8 | int8 cos | int8 weights | unfused ms | TVM default ms | ORT ms | socc/ORT | socc/TVM | kernels (unfused) | "
+    head = ("| model | socc ms | int8 ms | float/int8 | int8 cos | int8 weights | unfused ms | TVM default ms | ORT ms | ORT int8 ms | socc/ORT | socc/TVM | kernels (unfused) | "
             "arena | lower bound | TVM plan | arena/LB | compile s | artifact MB | verified |")
     lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for r in rows:
+        ort_int8 = f"{r['ort_int8_ms']:.2f}" if "ort_int8_ms" in r else "-"
         lines.append(
             f"| {r['model']} | {r['socc_ms']:.2f} | {r['socc_int8_ms']:.2f} | {r['int8_speedup']:.2f} | {r['int8_cosine']:.4f} | "
-            f"{r['int8_weights_ratio']:.1%} | {r['unfused_ms']:.2f} | {r['tvm_default_ms']:.2f} | {r['ort_ms']:.2f} | "
+            f"{r['int8_weights_ratio']:.1%} | {r['unfused_ms']:.2f} | {r['tvm_default_ms']:.2f} | {r['ort_ms']:.2f} | {ort_int8} | "
             f"{r['ratio_vs_ort']:.2f} | {r['ratio_vs_tvm_default']:.2f} | {r['kernels']} ({r['kernels_unfused']}) | "
             f"{r['arena_bytes']} | {r['lower_bound_bytes']} | {r['tvm_default_bytes']} | {r['arena_vs_lower_bound']:.3f} | "
             f"{r['compile_s']} | {r['artifact_bytes'] / 1e6:.1f} | {r['verified']} |")
