@@ -17,6 +17,7 @@ from .partition import Partition
 from .quantize import Quantize
 from .static_plan import StaticPlan
 from .vectorize import Vectorize
+from .winograd import Winograd
 
 # The standard pipeline, in order. A target profile may name its own list (`default_passes`).
 # static-plan (TVM's StaticPlanBlockMemory) then memory-plan (socc's arena): memory-plan takes TVM's
@@ -31,6 +32,8 @@ from .vectorize import Vectorize
 # only where they fit (generic FuseOps fuses each integer conv/matmul with its float epilogue).
 # convert-layout (NHWC targets) runs before fold-constants, which stores its weight permutes as
 # HWIO weights, and before quantize, which quantizes convs in either layout.
+# winograd runs after quantize (it takes the convs left in float) and before fusion, whose patterns
+# would group the conv it replaces; generic fusion then joins the bias/activation to its output transform.
 # fold-batchnorm must see R.nn.batch_norm, so it runs before decompose; fusion needs folded constants
 # and un-legalized ops, so it runs between fold-constants and legalize (fuse-kernels' FuseTIR then
 # makes one kernel of each group it formed).
@@ -41,6 +44,7 @@ STANDARD_PIPELINE: tuple[type[GraphPass], ...] = (
     FoldConstants,
     Quantize,
     Partition,
+    Winograd,
     Fusion,
     Legalize,
     FuseKernels,

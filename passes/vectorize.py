@@ -12,6 +12,7 @@ from .depthwise import match_depthwise, schedule_depthwise
 from .gemm import COLUMN_VECTOR_CHOICES, STACK_ALLOCA_BYTES, Relayout, match, schedule_gemm
 from .gemm import loop_extent as _extent
 from .requantize import REQUANTIZE_STAGES
+from .winograd import schedule_transforms
 
 
 def _has_float_math(block: Any) -> bool:
@@ -425,8 +426,12 @@ def schedule_kernel(func: Any, vector_bits: int, vector_float: bool, constant_pa
     # Hexagon (no float vectors) keeps the schedule below: HVX wants whole 128-byte int8 vectors
     gemms = _gemm_blocks(sch, constant_params) if vector_float else []
     matmuls = [name for name in gemms if match(sch, sch.get_sblock(name), constant_params) is not None]
-    stats["inlined"] = _inline_elementwise(sch, keep=_operand_producers(sch, matmuls, constant_params, vector_bits))
+    # the Winograd transforms first: generic inlining would fold the output transform into its bias add
+    winograd = schedule_transforms(sch, max(vector_bits // 32, 1), PARALLEL_MIN_WORK if parallel else None) if vector_float else set()
+    stats["vectorized_loops"] += len(winograd)
+    stats["inlined"] = _inline_elementwise(sch, keep=_operand_producers(sch, matmuls, constant_params, vector_bits) | winograd)
     sch, tiled = _tile_gemms(sch, gemms, vector_bits, constant_params, parallel, features, stats, relayout)
+    tiled |= winograd
     for block_rv in sch.get_child_blocks(sch.get_sblock("root")):
         block = sch.get(block_rv)
         if block.name_hint in tiled:

@@ -136,8 +136,9 @@ def plan(model: Path, options: dict[str, Any] | None = None, skip: tuple[str, ..
     import tvm
 
     profile = resolve_target("host")
-    ctx = CompileContext(tvm.target.Target(profile.tvm_target_json()), profile.name, profile.features,
-                         profile.vector_bits, dict(options or {}))
+    ctx = CompileContext(tvm.target.Target(profile.tvm_target_json()), profile.name, profile.llvm_features(),
+                         profile.schedule_vector_bits(), {"layout": profile.layout, **(options or {})},
+                         parallel=not profile.is_static)
     passes = select_passes(skip_pass=skip)
     cut = [p.name for p in passes].index("memory-plan") + 1
     imported = import_onnx(model)

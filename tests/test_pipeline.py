@@ -16,7 +16,7 @@ def names(passes: list) -> list[str]:
 
 
 def test_standard_order() -> None:
-    assert names(select_passes()) == ["fold-batchnorm", "decompose", "convert-layout", "fold-constants", "quantize", "partition", "fusion", "legalize",
+    assert names(select_passes()) == ["fold-batchnorm", "decompose", "convert-layout", "fold-constants", "quantize", "partition", "winograd", "fusion", "legalize",
                                      "fuse-kernels", "apply-tuning", "vectorize",
                                      "lower-calls", "static-plan", "memory-plan", "lower-vm"]
 
