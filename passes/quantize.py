@@ -137,6 +137,7 @@ def _rewrite(mod: Any, layers: list[Layer], options: dict[str, Any], stats: dict
     stats["padded_matmul_columns"] = rewriter.padded_columns
     stats["padded_conv_channels"] = rewriter.padded_channels
     stats["split_matmul_columns"] = rewriter.split_columns  # columns of a dot-product matmul done by a plain tail matmul
+    stats["split_conv_channels"] = rewriter.split_channels  # output channels of a dot-product conv done by a plain tail conv
     # CanonicalizeBindings: the integer-requantize path binds the dequantized output to the layer's
     # var through an alias (v = dequantized), which FuseOps would treat as a kernel boundary
     # (not with taps: they are aliases, which it would remove)
@@ -852,6 +853,7 @@ class _Rewriter:
         self.padded_columns = 0
         self.padded_channels = 0
         self.split_columns = 0
+        self.split_channels = 0
         self.plans = plans
         # With `switch` (a bool vector var), layer i computes where(switch[i], quantized, float):
         # one module measures any subset of quantized layers (see sensitivity.py).
@@ -1053,8 +1055,7 @@ class _Rewriter:
             self.padded_channels += extra
         if sides:
             xq = op.nn.pad(xq, [width for axis in data_layout for width in sides.get(axis, [0, 0])], pad_value=float(layer.zero_point))
-        acc = op.nn.conv2d(xq, relax.const(wq), strides=attrs.strides, padding=padding, dilation=attrs.dilation,
-                           groups=int(attrs.groups), data_layout=data_layout, kernel_layout=kernel_layout, out_dtype="int32")
+        acc = self.split_conv(xq, wq, attrs, padding, out_axis)
         channel_shape = [-1 if axis == "C" else 1 for axis in data_layout]  # one value per output channel
         sums = wq.astype(np.int64).sum(axis=tuple(i for i in range(wq.ndim) if i != out_axis))
         rescale = (np.float64(layer.scale) * w_scale).astype(np.float32).reshape(channel_shape)
@@ -1097,6 +1098,25 @@ class _Rewriter:
         self.split_columns += columns - main
         parts = [op.matmul(data, relax.const(np.ascontiguousarray(w)), out_dtype="int32") for w in (wq[:, :main], wq[:, main:])]
         return op.concat(parts, axis=-1)
+
+    def split_conv(self, xq: Any, wq: np.ndarray, attrs: Any, padding: list[int], out_axis: int) -> Any:
+        """conv2d(xq, wq) in int32; a dense conv with more output channels than the dot product's
+        lanes but no multiple of them (DenseNet's 144 -> 72 transition, VNNI's 16) is two convs, the
+        dot product on the largest multiple of channels and a plain one on the rest, concatenated
+        along the channels (as `padded_matmul`: the whole conv had been plain int8 vector code)."""
+        from tvm import relax
+
+        op = relax.op
+        data_layout, kernel_layout = str(attrs.data_layout), str(attrs.kernel_layout)
+        filters = wq.shape[out_axis]
+        main = filters - filters % self.column_multiple
+        pieces = [wq]
+        if int(attrs.groups) == 1 and self.channel_multiple > 1 and 0 < main < filters:
+            self.split_channels += filters - main
+            pieces = [np.ascontiguousarray(np.take(wq, np.arange(lo, hi), axis=out_axis)) for lo, hi in ((0, main), (main, filters))]
+        accs = [op.nn.conv2d(xq, relax.const(w), strides=attrs.strides, padding=padding, dilation=attrs.dilation, groups=int(attrs.groups),
+                             data_layout=data_layout, kernel_layout=kernel_layout, out_dtype="int32") for w in pieces]
+        return accs[0] if len(accs) == 1 else op.concat(accs, axis=data_layout.index("C"))
 
     def take_int8(self, call: Any) -> Any:
         from tvm import relax

@@ -69,7 +69,7 @@ F4 = Transform(4, np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4
                          [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], dtype=np.float64),
                np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]], dtype=np.float64))
 TRANSFORMS = {2: F2, 4: F4}
-DEFAULT_TILES = (2, 4)  # the output tile edges a conv may get (the one with the fewest multiply-adds)
+DEFAULT_TILES = (2, 4)  # the output tile edges a conv may get (the one estimated fastest, below)
 # The choice is by estimated time: multiply-adds, plus the weight's bytes, which stream from
 # memory in every call once a model's weights outgrow the caches (a 2.36 MB 3x3 conv of ResNet's
 # last stage: 0.051 ms with its weight in cache, 0.109 ms flushed, at ~100 G multiply-adds/s: a
@@ -208,7 +208,7 @@ class Winograd(GraphPass):
         if not ctx.vector_float or ctx.vector_bits <= 0:
             return mod, {**stats, "skipped": "the target vectorizes no float (its kernels are scalar)"}
         lanes = ctx.vector_bits // 32
-        tiles = tuple(ctx.options.get("winograd_tiles") or DEFAULT_TILES)
+        tiles = DEFAULT_TILES
         kept: dict[str, int] = stats["kept"]
         by_tile: dict[str, int] = stats["transforms"]
 

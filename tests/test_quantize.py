@@ -163,28 +163,33 @@ def test_integer_requantize_of_a_one_channel_layer_in_a_batch(tmp_path: Path) ->
     assert np.abs(outputs["integer"] - outputs["float"]).max() < 2 * step  # both images, not just the first
 
 
-def _single_conv_model(path: Path, padding: int, groups: int) -> Path:
+def _single_conv_model(path: Path, padding: int, groups: int, filters: int = 8) -> Path:
     rng = np.random.default_rng(1)
-    weight = rng.standard_normal((8, 8 // groups, 3, 3)).astype(np.float32)
+    weight = rng.standard_normal((filters, 8 // groups, 3, 3)).astype(np.float32)
     graph = helper.make_graph(
         [helper.make_node("Conv", ["x", "W"], ["y"], name="conv", pads=[padding] * 4, group=groups)],
         "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 10, 10])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 10, 10])], [numpy_helper.from_array(weight, "W")])
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, filters, 10, 10])], [numpy_helper.from_array(weight, "W")])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     return path
 
 
-@pytest.mark.parametrize("activation_dtype,groups", [("uint8", 1), ("uint8", 8), ("int8", 1)])
-def test_int8_conv_equals_the_quantized_reference(tmp_path: Path, activation_dtype: str, groups: int) -> None:
+@pytest.mark.parametrize("activation_dtype,groups,filters", [("uint8", 1, 8), ("uint8", 8, 8), ("int8", 1, 8), ("uint8", 1, 40)])
+def test_int8_conv_equals_the_quantized_reference(tmp_path: Path, activation_dtype: str, groups: int, filters: int) -> None:
     """With a zero point and padding, the integer conv equals float conv of the dequantized
-    operands (padding with real zeros) to float rounding: the zero-point correction is exact."""
+    operands (padding with real zeros) to float rounding: the zero-point correction is exact.
+    40 filters on a CPU whose int8 dot product takes 16 channels: 32 on it, 8 by a plain conv."""
     import torch
 
-    model = _single_conv_model(tmp_path / "conv.onnx", padding=1, groups=groups)
+    model = _single_conv_model(tmp_path / "conv.onnx", padding=1, groups=groups, filters=filters)
     rng = np.random.default_rng(2)
     samples = [{"x": (rng.standard_normal((1, 8, 10, 10)) + 0.7).astype(np.float32)} for _ in range(8)]
     art = api.compile(model, "host", tmp_path / "conv.int8", quantize="int8", calibration=samples,
                       activation_dtype=activation_dtype, calibrate_method="minmax", progress=False)
+    profile = load_profile("host")
+    multiple = int8_column_multiple(profile.llvm_features(), profile.schedule_vector_bits())
+    has_dot_product = int8_reduction_multiple(profile.llvm_features()) > 1
+    assert art.manifest["quantization"]["split_conv_channels"] == (filters % multiple if has_dot_product and filters > multiple else 0)
     (layer,) = art.manifest["quantization"]["quantized"]
     scale, zero = layer["input_scale"], layer["input_zero_point"]
     assert (zero != 0) == (activation_dtype == "uint8")
