@@ -1092,12 +1092,19 @@ class _Rewriter:
             self.padded_columns += multiple - columns
             acc = op.matmul(data, relax.const(np.pad(wq, [(0, 0), (0, multiple - columns)])), out_dtype="int32")
             return op.strided_slice(acc, axes=[data.ty.ndim - 1], begin=[0], end=[columns])
-        main = columns - columns % multiple
-        if main == columns or self.channel_multiple == 1:
+        main = self.dot_product_part(columns)
+        if main is None:
             return op.matmul(data, relax.const(wq), out_dtype="int32")
         self.split_columns += columns - main
         parts = [op.matmul(data, relax.const(np.ascontiguousarray(w)), out_dtype="int32") for w in (wq[:, :main], wq[:, main:])]
         return op.concat(parts, axis=-1)
+
+    def dot_product_part(self, outputs: int) -> int | None:
+        """How many of `outputs` channels (a matmul's columns, a conv's filters) the int8 dot product
+        takes when the rest go to a plain tail (the largest multiple of its lanes); None when there is
+        no dot product, no tail, or not one whole multiple."""
+        main = outputs - outputs % self.column_multiple
+        return main if self.channel_multiple > 1 and 0 < main < outputs else None
 
     def split_conv(self, xq: Any, wq: np.ndarray, attrs: Any, padding: list[int], out_axis: int) -> Any:
         """conv2d(xq, wq) in int32; a dense conv with more output channels than the dot product's
@@ -1109,9 +1116,9 @@ class _Rewriter:
         op = relax.op
         data_layout, kernel_layout = str(attrs.data_layout), str(attrs.kernel_layout)
         filters = wq.shape[out_axis]
-        main = filters - filters % self.column_multiple
+        main = self.dot_product_part(filters) if int(attrs.groups) == 1 else None
         pieces = [wq]
-        if int(attrs.groups) == 1 and self.channel_multiple > 1 and 0 < main < filters:
+        if main is not None:
             self.split_channels += filters - main
             pieces = [np.ascontiguousarray(np.take(wq, np.arange(lo, hi), axis=out_axis)) for lo, hi in ((0, main), (main, filters))]
         accs = [op.nn.conv2d(xq, relax.const(w), strides=attrs.strides, padding=padding, dilation=attrs.dilation, groups=int(attrs.groups),

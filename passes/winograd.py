@@ -165,9 +165,9 @@ def _tiles(extent: int, m: int) -> int:
     return -(-extent // m)
 
 
-def _choice(call: Any, lanes: int, tiles: tuple[int, ...]) -> tuple[str, Transform | None]:
-    """The transform (of output tile edges `tiles`) that rewrites this conv2d call with the fewest
-    multiply-adds, or why none does."""
+def _choice(call: Any, lanes: int) -> tuple[str, Transform | None]:
+    """The transform (of DEFAULT_TILES' output tile edges) with the least estimated cost that rewrites
+    this conv2d call, or why none does."""
     from tvm.ir.expr import Constant
 
     attrs = call.attrs
@@ -189,7 +189,7 @@ def _choice(call: Any, lanes: int, tiles: tuple[int, ...]) -> tuple[str, Transfo
     batch, height, width, _ = (int(d) for d in out)
     if channels % lanes or filters % lanes:
         return "channels_not_vectors", None
-    transform = min((TRANSFORMS[m] for m in tiles), key=lambda t: (t.cost(batch, height, width), t.m))
+    transform = min((TRANSFORMS[m] for m in DEFAULT_TILES), key=lambda t: (t.cost(batch, height, width), t.m))
     if transform.cost(batch, height, width) > MAX_COST_RATIO * direct_cost(batch, height, width):
         return "not_faster", None
     return "", transform
@@ -208,7 +208,6 @@ class Winograd(GraphPass):
         if not ctx.vector_float or ctx.vector_bits <= 0:
             return mod, {**stats, "skipped": "the target vectorizes no float (its kernels are scalar)"}
         lanes = ctx.vector_bits // 32
-        tiles = DEFAULT_TILES
         kept: dict[str, int] = stats["kept"]
         by_tile: dict[str, int] = stats["transforms"]
 
@@ -218,7 +217,7 @@ class Winograd(GraphPass):
                 call = super().visit_call_(call)
                 if getattr(call.op, "name", "") != "relax.nn.conv2d":
                     return call
-                reason, transform = _choice(call, lanes, tiles)
+                reason, transform = _choice(call, lanes)
                 if transform is None:
                     kept[reason] = kept.get(reason, 0) + 1
                     return call
@@ -236,7 +235,8 @@ class Winograd(GraphPass):
                                           primfunc_name_hint=INPUT_BLOCK)
                 m = self.builder_.emit(relax.op.matmul(v, relax.const(u)))
                 stats["convs_rewritten"] += 1
-                by_tile[f"F{transform.m}x{transform.m}"] = by_tile.get(f"F{transform.m}x{transform.m}", 0) + 1
+                name = f"F{transform.m}x{transform.m}"
+                by_tile[name] = by_tile.get(name, 0) + 1
                 stats["multiply_adds_before"] += batch * height * width * 9 * channels * filters
                 stats["multiply_adds_after"] += batch * transform.work(height, width) * channels * filters
                 stats["weight_bytes_before"] += weight.nbytes

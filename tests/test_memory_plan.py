@@ -19,9 +19,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import toolchain
-from toolchain.api import resolve_target
-from toolchain.importer import import_onnx
-from toolchain.passes import REGISTRY, CompileContext
+from toolchain.api import _import_with_context, resolve_target
+from toolchain.importer import Limits
+from toolchain.passes import REGISTRY
 from toolchain.passes.memory_plan import (
     ARENA_NAME,
     CHECK_FUNC,
@@ -35,6 +35,7 @@ from toolchain.passes.memory_plan import (
     solve,
 )
 from toolchain.pipeline import run_passes, select_passes
+from toolchain.progress import SILENT
 
 # ------------------------------------------------------------------------------------ models
 
@@ -133,15 +134,12 @@ def mlp_dynamic(models_dir: Path) -> Path:
 def plan(model: Path, options: dict[str, Any] | None = None, skip: tuple[str, ...] = ()) -> dict[str, Any]:
     """Runs the standard passes as `toolchain.compile` does; returns the module right after
     memory-plan, the fully lowered one, and every pass's stats."""
-    import tvm
-
     profile = resolve_target("host")
-    ctx = CompileContext(tvm.target.Target(profile.tvm_target_json()), profile.name, profile.llvm_features(),
-                         profile.schedule_vector_bits(), {"layout": profile.layout, **(options or {})},
-                         parallel=not profile.is_static)
+    # the importer and pass context compile builds (layout, vector width, thread pool from the profile)
+    imported, ctx = _import_with_context(Path(model), profile, {}, Limits(), False, None, {"layout": profile.layout, **(options or {})},
+                                         SILENT, None)
     passes = select_passes(skip_pass=skip)
     cut = [p.name for p in passes].index("memory-plan") + 1
-    imported = import_onnx(model)
     planned, records = run_passes(imported.mod, passes[:cut], ctx)
     lowered, more = run_passes(planned, passes[cut:], ctx)
     stats = {r.name: r.stats for r in records + more}
