@@ -138,6 +138,7 @@ def _rewrite(mod: Any, layers: list[Layer], options: dict[str, Any], stats: dict
     stats["padded_conv_channels"] = rewriter.padded_channels
     stats["split_matmul_columns"] = rewriter.split_columns  # columns of a dot-product matmul done by a plain tail matmul
     stats["split_conv_channels"] = rewriter.split_channels  # output channels of a dot-product conv done by a plain tail conv
+    mod, stats["fenced_products"] = fence_products(mod)  # float multiplies an add takes, kept from fusing with it
     # CanonicalizeBindings: the integer-requantize path binds the dequantized output to the layer's
     # var through an alias (v = dequantized), which FuseOps would treat as a kernel boundary
     # (not with taps: they are aliases, which it would remove)
@@ -778,17 +779,53 @@ def _window_sums(wq: np.ndarray, call: Any, padding: list[int]) -> np.ndarray:
 
 
 def _dequantize(values: Any, scales: Any) -> Any:
-    """float(values) * scales, kept apart from the bias add that follows.
-
-    TVM's LLVM code generator always allows fusing float ops, so `x * s + b` becomes a fused
-    multiply-add wherever LLVM sees both in one expression, which depends on the target and on
-    how the kernel was scheduled: results would differ by an ulp between host, ARM and Hexagon
-    builds of the same int8 model. max(., -FLT_MAX) changes no finite value and stops the fusion."""
+    """float(values) * scales, fenced from the bias add that follows (`_fence`)."""
     from tvm import relax
 
-    op = relax.op
-    product = op.multiply(op.astype(values, "float32"), scales)
-    return op.maximum(product, relax.const(np.float32(-np.finfo(np.float32).max)))
+    return _fence(relax.op.multiply(relax.op.astype(values, "float32"), scales))
+
+
+def _fence(product: Any) -> Any:
+    """max(product, -FLT_MAX): changes no finite value and keeps `product + c` from becoming a fused
+    multiply-add. TVM's LLVM code generator always allows fusing float ops, so `x * s + b` becomes
+    one wherever LLVM sees both in one expression, which depends on the target and on how the
+    kernel was scheduled: results would differ by an ulp between host, ARM and Hexagon builds of
+    the same int8 model, and an ulp moves a value across a rounding step of the next quantize."""
+    from tvm import relax
+
+    return relax.op.maximum(product, relax.const(np.float32(-np.finfo(np.float32).max)))
+
+
+def fence_products(mod: Any) -> tuple[Any, int]:
+    """Every float multiply that an add or subtract of `main` takes goes through `_fence` (the
+    float ops an int8 build keeps, e.g. a pre-activation batch norm's scale and shift); returns
+    the module and how many products were fenced."""
+    from tvm import relax
+
+    main = mod["main"]
+    bound = relax.analysis.get_var2val(main)
+    rebuild = {"relax.add": relax.op.add, "relax.subtract": relax.op.subtract}
+    fenced = 0
+
+    def is_float_product(var: Any) -> bool:
+        value = bound.get(var) if isinstance(var, relax.Var) else None
+        return isinstance(value, relax.Call) and getattr(value.op, "name", "") == "relax.multiply" and _dtype(value).startswith("float")
+
+    @relax.expr_functor.mutator
+    class Fence(relax.PyExprMutator):
+        def visit_call_(self, call: Any) -> Any:
+            nonlocal fenced
+            new = self.visit_expr_post_order(call)
+            name = getattr(call.op, "name", "")
+            products = [is_float_product(arg) for arg in call.args]
+            if name not in rebuild or not any(products):
+                return new
+            fenced += sum(products)
+            return rebuild[name](*[_fence(arg) if product else arg for arg, product in zip(new.args, products)])
+
+    mutator = Fence(mod)
+    mutator.builder_.update_func(mod.get_global_var("main"), mutator.visit_expr(main))
+    return (relax.transform.Normalize()(mutator.builder_.get()) if fenced else mod), fenced
 
 
 def _q4_matmul_te(x: Any, packed: Any, scales: Any, *zeros: Any, group: int) -> Any:

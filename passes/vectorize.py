@@ -23,12 +23,6 @@ def _has_float_math(block: Any) -> bool:
     return "float" in block.body.script()  # casts and constants inside the expression (no Python TIR visitor in 0.27)
 
 
-def _is_float_multiply(block: Any) -> bool:
-    """The block stores `x * y` in a float type."""
-    value = getattr(block.body, "value", None)
-    return type(value).__name__ == "Mul" and str(value.ty).startswith(("float", "bfloat"))
-
-
 def _write_bits(block: Any) -> int:
     return max((int(region.source.dtype.bits) for region in block.writes), default=32)
 
@@ -40,11 +34,12 @@ def _is_reduction(block: Any) -> bool:
 
 
 def _inline_elementwise(sch: Any, keep: set[str] = frozenset()) -> int:
-    """Inlines every block that only feeds others (padding, casts, the requantize chain) into its consumers.
+    """Inlines every block that only feeds others (padding, casts, the float chains, the requantize
+    chain) into its consumers, so an elementwise chain is one pass over memory.
 
-    A float multiply stays a block of its own: inlined into an add, `a * b + c` would become one
-    expression, which TVM's LLVM (fusion of FP ops always on) contracts to a fused multiply-add on
-    targets with one and not on others, and int8 builds must agree bit for bit across targets."""
+    Float multiplies inline too: where an int8 build needs `a * b + c` kept from becoming a fused
+    multiply-add (bit-identical results across targets), quantize put max(a * b, -FLT_MAX) between
+    them at the graph level (`fence_products`); a float build lets LLVM contract them."""
     inlined = 0
     changed = True
     while changed:
@@ -53,7 +48,7 @@ def _inline_elementwise(sch: Any, keep: set[str] = frozenset()) -> int:
         outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(root)}
         for block_rv in sch.get_child_blocks(root):
             block = sch.get(block_rv)
-            if _is_reduction(block) or block.name_hint in outputs or block.name_hint in keep or _is_float_multiply(block) or _kept_stage(block):
+            if _is_reduction(block) or block.name_hint in outputs or block.name_hint in keep or _kept_stage(block):
                 continue
             try:
                 sch.compute_inline(block_rv)
@@ -500,6 +495,10 @@ def schedule_kernel(func: Any, vector_bits: int, vector_float: bool, constant_pa
             # a requantize stage's int64 products on half a vector: LLVM splits them into scalar
             # 64-bit multiplies (the 16-channel stem: 4620 instructions, 20% HVX); whole vectors only
             smallest = lanes if _kept_stage(block) else 0
+            if not smallest and _write_bits(block) < 32 and _has_float_math(block):
+                # a quantize (float math stored as 8-bit) takes vectors down to one float register:
+                # 80 channels are 5 x 16 lanes, not 64 + a peeled 16 off the thread pool
+                smallest = max(vector_bits // 32, 2)
             scalar = False
             # the innermost loop alone, when a vector width divides it: fused with the loops around
             # it, a vector crosses rows and TVM vectorizes its `fused // W` indices lane by lane;
@@ -615,7 +614,7 @@ def _tiled(sch: Any, name: str, lanes: int, constant_params: frozenset[int], par
 
 
 class Vectorize(GraphPass):
-    """For targets with a vector unit (`vector_bits` in the profile), schedules every TIR kernel: inlines elementwise producers (padding, casts, the requantize chain; never a float multiply; the integer requantize's int32 stages stay blocks) into their consumers; vectorizes each reduction's innermost contiguous spatial loop by whole vectors of its narrowest operand (HVX: 128 x int8) down to half an accumulator vector, or a conv's output channels when its rows are strided or no width divides them (weights relaid channels-last at compile time); vectorizes an elementwise block's innermost loop when a width divides it and no access would be a gather, else its fused (pixel, channel) loops when every access stays a run or a per-channel vector. Blocks with float math stay scalar where the target vectorizes no float (Hexagon under qemu)."""
+    """For targets with a vector unit (`vector_bits` in the profile), schedules every TIR kernel: inlines elementwise producers (padding, casts, float chains, the requantize chain; the integer requantize's int32 stages stay blocks) into their consumers; vectorizes each reduction's innermost contiguous spatial loop by whole vectors of its narrowest operand (HVX: 128 x int8) down to half an accumulator vector, or a conv's output channels when its rows are strided or no width divides them (weights relaid channels-last at compile time); vectorizes an elementwise block's innermost loop when a width divides it and no access would be a gather, else its fused (pixel, channel) loops when every access stays a run or a per-channel vector. Blocks with float math stay scalar where the target vectorizes no float (Hexagon under qemu)."""
 
     name = "vectorize"
 

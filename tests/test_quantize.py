@@ -110,6 +110,37 @@ def test_fixed_point_multipliers_are_exact_to_31_bits() -> None:
         np.testing.assert_allclose(codes / 2.0**shift, multiplier, rtol=0, atol=2.0 ** -(shift + 1))
 
 
+def test_float_products_an_add_takes_are_fenced() -> None:
+    """In an int8 build, `x * scale + shift` (a batch norm kept in float) gets max(x * scale, -FLT_MAX)
+    between the two, so no target fuses them into one multiply-add; a product nothing adds (the
+    ReLU's input here) stays as it was, and the fence changes no finite value."""
+    import tvm
+    from tvm import relax
+
+    from toolchain.passes.quantize import fence_products
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((2, 8), "float32"))
+    scale, shift = np.linspace(-2, 2, 8, dtype=np.float32), np.arange(8, dtype=np.float32)
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            product = bb.emit(relax.op.multiply(x, relax.const(scale)))
+            shifted = bb.emit(relax.op.add(product, relax.const(shift)))
+            other = bb.emit(relax.op.nn.relu(relax.op.multiply(shifted, relax.const(np.float32(3)))))
+            out = bb.emit_output(relax.op.subtract(other, relax.op.multiply(shifted, shifted)))
+        bb.emit_func_output(out)
+    fenced_mod, fenced = fence_products(bb.get())
+    assert fenced == 2  # scale's product and the subtrahend; not the one the ReLU takes
+    text = fenced_mod["main"].script()
+    assert text.count("R.maximum(") == 2 and text.count("R.multiply(") == 3
+    feed = np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32) * 1e3
+    results = []
+    for module in (bb.get(), fenced_mod):
+        vm = relax.VirtualMachine(tvm.compile(module, target="llvm"), tvm.cpu())
+        results.append(vm["main"](tvm.runtime.tensor(feed)).numpy())
+    np.testing.assert_array_equal(results[0], results[1])
+
+
 def test_int8_layers_really_compute_in_integers(digits: dict) -> None:
     """After the quantize pass every conv2d/matmul takes 8-bit operands and accumulates in int32."""
     import tvm

@@ -145,3 +145,34 @@ def test_copy_of_a_once_read_operand_is_inlined_and_big_passes_run_in_parallel()
     assert _operand_producers(sch, ["conv2d_nhwc"], frozenset({1}), 256) == {"pad_temp"}
     scheduled, stats, _ = schedule_kernel(conv, vector_bits=256, vector_float=True, constant_params=frozenset({1}), parallel=True)
     assert 34 * 34 * 64 >= PARALLEL_MIN_WORK and stats["parallel_loops"] == 2  # the pad pass and the tiles
+
+
+def test_float_chain_with_multiplies_is_one_pass_over_memory() -> None:
+    """A pre-activation BatchNorm + ReLU + quantize as Relax legalizes it, one stage per op: two float
+    multiplies among them (an int8 build fences `x * scale` from the add at the graph level, so
+    vectorize needs no block boundary for it). All stages inline into the uint8 store: one parallel
+    loop, no intermediate tensor (kept apart, each multiply was a whole pass of its own, 2.6x slower
+    on DenseNet's 32x32x80 features)."""
+    import tvm
+    from tvm import te
+
+    shape = (1, 32, 32, 80)
+    x = te.placeholder(shape, "float32", name="x")
+    scale = te.placeholder((80,), "float32", name="scale")
+    shift = te.placeholder((80,), "float32", name="shift")
+    product = te.compute(shape, lambda n, h, w, c: x[n, h, w, c] * scale[c], name="T_multiply")
+    fenced = te.compute(shape, lambda *i: te.max(product(*i), tvm.tirx.const(-3.4028234663852886e38, "float32")), name="T_maximum")
+    relu = te.compute(shape, lambda n, h, w, c: te.max(fenced[n, h, w, c] + shift[c], 0.0), name="T_relu")
+    step = te.compute(shape, lambda *i: relu(*i) * tvm.tirx.const(47.5, "float32"), name="T_multiply1")
+    out = te.compute(shape, lambda *i: te.max(te.min(tvm.tirx.nearbyint(step(*i)), 255.0), 0.0).astype("uint8"), name="quantize")
+    func = te.create_prim_func([x, scale, shift, out])
+    scheduled, stats, _ = schedule_kernel(func, vector_bits=512, vector_float=True, parallel=True)
+    script = scheduled.script()
+    assert stats["inlined"] == 4 and "alloc_buffer" not in script and script.count("T.parallel(") == 1, script
+    lib = tvm.compile(tvm.IRModule({"main": scheduled}), target="llvm")
+    rng = np.random.default_rng(5)
+    xs, ss, bs = rng.standard_normal(shape).astype(np.float32), rng.standard_normal(80).astype(np.float32), rng.standard_normal(80).astype(np.float32)
+    got = tvm.runtime.tensor(np.zeros(shape, np.uint8))
+    lib["main"](tvm.runtime.tensor(xs), tvm.runtime.tensor(ss), tvm.runtime.tensor(bs), got)
+    expected = np.clip(np.rint(np.maximum(xs * ss + bs, 0) * np.float32(47.5)), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(got.numpy(), expected)  # fenced: no fused multiply-add, numpy's two roundings
