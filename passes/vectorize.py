@@ -495,10 +495,11 @@ def schedule_kernel(func: Any, vector_bits: int, vector_float: bool, constant_pa
             # a requantize stage's int64 products on half a vector: LLVM splits them into scalar
             # 64-bit multiplies (the 16-channel stem: 4620 instructions, 20% HVX); whole vectors only
             smallest = lanes if _kept_stage(block) else 0
-            if not smallest and _write_bits(block) < 32 and _has_float_math(block):
-                # a quantize (float math stored as 8-bit) takes vectors down to one float register:
-                # 80 channels are 5 x 16 lanes, not 64 + a peeled 16 off the thread pool
-                smallest = max(vector_bits // 32, 2)
+            # a quantize (float math stored as 8-bit) may take vectors down to one float register
+            # when the channels are no whole number of 8-bit vectors and rows cannot fuse (80
+            # channels: 5 x 16 lanes, not 64 + a peeled 16 off the thread pool); fused rows first:
+            # 16 channels as 16 x uint8 vectors ran 9x slower than 64-lane fused rows (LLVM gathers)
+            float_register = max(vector_bits // 32, 2) if not smallest and _write_bits(block) < 32 and _has_float_math(block) else 0
             scalar = False
             # the innermost loop alone, when a vector width divides it: fused with the loops around
             # it, a vector crosses rows and TVM vectorizes its `fused // W` indices lane by lane;
@@ -507,6 +508,9 @@ def schedule_kernel(func: Any, vector_bits: int, vector_float: bool, constant_pa
                 if _vectorize_fused_rows(sch, block_rv, loops, lanes, smallest):
                     stats["vectorized_loops"] += 1
                     stats["fused_row_blocks"] += 1
+                elif float_register and _vector_width(_extent(sch, loops[-1]) or 0, lanes, float_register) \
+                        and _vectorize_innermost(sch, loops[-1], lanes, smallest=float_register):
+                    stats["vectorized_loops"] += 1
                 elif _vectorize_with_tail(sch, loops[-1], lanes, smallest, 0 if 'T.Cast("int64"' in block.body.script() else lanes // 2):
                     stats["vectorized_loops"] += 1
                     stats["tails_peeled"] += 1
