@@ -151,8 +151,8 @@ def test_float_chain_with_multiplies_is_one_pass_over_memory() -> None:
     """A pre-activation BatchNorm + ReLU + quantize as Relax legalizes it, one stage per op: two float
     multiplies among them (an int8 build fences `x * scale` from the add at the graph level, so
     vectorize needs no block boundary for it). All stages inline into the uint8 store: one parallel
-    loop, no intermediate tensor (kept apart, each multiply was a whole pass of its own, 2.6x slower
-    on DenseNet's 32x32x80 features)."""
+    loop, no intermediate tensor (kept apart, each multiply was a whole pass of its own: DenseNet's
+    32x32x80 features took 0.0114 ms, one pass 0.0065)."""
     import tvm
     from tvm import te
 
