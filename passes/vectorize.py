@@ -508,8 +508,7 @@ def schedule_kernel(func: Any, vector_bits: int, vector_float: bool, constant_pa
                 if _vectorize_fused_rows(sch, block_rv, loops, lanes, smallest):
                     stats["vectorized_loops"] += 1
                     stats["fused_row_blocks"] += 1
-                elif float_register and _vector_width(_extent(sch, loops[-1]) or 0, lanes, float_register) \
-                        and _vectorize_innermost(sch, loops[-1], lanes, smallest=float_register):
+                elif float_register and _vectorize_innermost(sch, loops[-1], lanes, smallest=float_register):
                     stats["vectorized_loops"] += 1
                 elif _vectorize_with_tail(sch, loops[-1], lanes, smallest, 0 if 'T.Cast("int64"' in block.body.script() else lanes // 2):
                     stats["vectorized_loops"] += 1
