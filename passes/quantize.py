@@ -16,7 +16,9 @@ float32 weight:
 The convolution or matmul runs in integer arithmetic with int32 accumulation (a nonzero zx pads
 explicitly with zx, so the correction term is exact at the borders). What follows (rescale,
 bias, activation) is float, and TVM's FuseOps fuses it with the next layer's quantize into the
-producing kernel: a requantize, so tensors between quantized layers are stored as 8 bits.
+producing kernel: a requantize, so tensors between quantized layers are stored as 8 bits. Where
+a layer's output reaches the next quantize through only its bias and a ReLU/clip, that chain is
+folded into one multiply-add and a clip (`requantize.float_requantize`; stat `folded_requantizes`).
 With `requantize="integer"` (the target's choice: units without float vectors, like HVX), a
 layer whose output reaches the next quantize through only its bias and a ReLU/clip requantizes
 in integer arithmetic instead (requantize.py): no float is left in that kernel.
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -134,6 +137,8 @@ def _rewrite(mod: Any, layers: list[Layer], options: dict[str, Any], stats: dict
         stats["integer_requantized"] = rewriter.requantized
         stats["integer_residual_adds"] = rewriter.residuals_requantized
         stats["integer_mean_pools"] = rewriter.pools_requantized
+    else:
+        stats["folded_requantizes"] = rewriter.folded
     stats["padded_matmul_columns"] = rewriter.padded_columns
     stats["padded_conv_channels"] = rewriter.padded_channels
     stats["split_matmul_columns"] = rewriter.split_columns  # columns of a dot-product matmul done by a plain tail matmul
@@ -905,6 +910,7 @@ class _Rewriter:
         self.offsets: dict[int, tuple[Any, np.ndarray]] = {}  # shifted output var -> (dequantized var, offset)
         self.model_biases: dict[int, np.ndarray] = {}  # by offset + bias constant: that bias
         self.requantized = 0
+        self.folded = 0  # float requantizes folded to one multiply-add (`folded_requantize`)
         self.residuals_requantized = 0
         self.pools_requantized = 0
         # `tap_layers` (per-layer verify): every layer's output keeps a var of its own and its offset stays unfolded
@@ -964,11 +970,23 @@ class _Rewriter:
                 inner = self.activation(mutator, source.args[0], layer)
                 expr = relax.Call(source.op, [inner, *source.args[1:]], source.attrs, source.ty_args)
             else:
-                expr = self.requantize_expr(mutator, x, layer) if self.integer_requantize else None
+                expr = self.requantize_expr(mutator, x, layer) if self.integer_requantize else self.folded_requantize(mutator, x, layer)
                 if expr is None:
                     expr = _quantize_expr(x, layer.scale, layer.zero_point, self.act_dtype)
             mutator.quantized[key] = mutator.builder_.emit(expr)
         return mutator.quantized[key]
+
+    def folded_requantize(self, mutator: Any, x: Any, layer: Layer) -> Any:
+        """x quantized for `layer` in one float multiply-add from the accumulator of the int8 layer
+        that made it (`float_requantize`), when x is that layer's output through its bias and a
+        ReLU/clip; None otherwise."""
+        from .requantize import float_requantize, trace_layer_epilogue
+
+        found = trace_layer_epilogue(mutator, x, self.dequantized, self.model_biases)
+        if found is None or (found.low == -math.inf and found.high == math.inf):
+            return None  # (an output without activation usually feeds a residual add too: the fold would split its kernel)
+        self.folded += 1
+        return float_requantize(found, layer.scale, layer.zero_point, self.act_dtype, _fence)
 
     def requantize_expr(self, mutator: Any, x: Any, layer: Layer) -> Any:
         """x quantized for `layer` in integer arithmetic from the accumulator of the int8 layer that

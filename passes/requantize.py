@@ -425,6 +425,35 @@ def integer_requantize(mutator: Any, epilogue: Epilogue, scale: float, zero_poin
                                     bounds=_clip_bounds(epilogue, scale, zero_point, dtype), dtype=dtype, primfunc_name_hint="requantize")
 
 
+def trace_layer_epilogue(mutator: Any, x: Any, dequantized: dict[int, Dequantized], model_biases: dict[int, np.ndarray]) -> Epilogue | None:
+    """`trace_epilogue`'s first form only: [relu | clip] (add(dequantized, bias constant) | dequantized)
+    of one int8 layer; it emits nothing."""
+    found, low, high = _peel_activations(mutator, x, dequantized)
+    epilogue = None if found is None else _layer_output(mutator, found, dequantized, model_biases)
+    return None if epilogue is None else dataclasses.replace(epilogue, low=low, high=high)
+
+
+def float_requantize(epilogue: Epilogue, scale: float, zero_point: int, dtype: str, fence: Any) -> Any:
+    """The float requantize folded into one multiply-add per element,
+
+        q = clip(round(fence(float(acc) * (r[c] / s)) + (b[c] - C[c] * r[c]) / s + z), lo', hi')
+
+    in place of dequantize, bias, activation and quantize (float(acc) * r, + b - C * r, clip,
+    * 1 / s, round, + z, clip: two multiplies and two clips more). The activation folds into the
+    clip bounds as in the integer requantize (round is monotonic: clipping before or after it
+    gives the same codes). Equal to the unfolded chain up to the rounding of its float steps: a
+    code moves by one only where a value lies within an ulp of a rounding step."""
+    from tvm import relax
+
+    op, source = relax.op, epilogue.source
+    rescale = source.rescale.astype(np.float64)
+    multiplier = (rescale / scale).astype(np.float32)
+    offset = ((epilogue.bias.astype(np.float64) - source.correction * rescale) / scale + zero_point).astype(np.float32)
+    product = fence(op.multiply(op.astype(source.acc, "float32"), relax.const(multiplier)))
+    lo, hi = _clip_bounds(epilogue, scale, zero_point, dtype)
+    return op.astype(op.clip(op.round(op.add(product, relax.const(offset))), lo, hi), dtype)
+
+
 RESIDUAL_FRACTION_BITS = 8
 RESIDUAL_MIN_FRACTION_BITS = 4
 # a pooled term's rounding error is at most 2^-(F+1) output steps and the pool averages them: F = 1

@@ -236,6 +236,60 @@ def test_int8_conv_equals_the_quantized_reference(tmp_path: Path, activation_dty
     assert np.max(np.abs(actual - expected)) <= 1e-5 * np.max(np.abs(expected))
 
 
+@pytest.mark.parametrize("activation_dtype,activation", [("uint8", "Clip"), ("int8", "Relu")])
+def test_folded_requantize_gives_the_codes_of_dequantize_activation_quantize(tmp_path: Path, activation_dtype: str,
+                                                                             activation: str) -> None:
+    """conv -> bias -> ReLU6/ReLU -> conv: the first conv's int32 accumulator goes to the second's
+    8-bit input in one multiply-add, its bias, zero-point correction and the next zero point in
+    one offset and the activation in the clip bounds. Its output equals a float64 reference of
+    the unfolded chain (dequantize, bias, activation, quantize) to float rounding: no code moved."""
+    import torch
+
+    rng = np.random.default_rng(3)
+    w1, b1 = rng.standard_normal((16, 8, 3, 3)).astype(np.float32), rng.standard_normal(16).astype(np.float32)
+    w2 = rng.standard_normal((8, 16, 1, 1)).astype(np.float32)
+    act = (helper.make_node("Clip", ["h", "lo", "hi"], ["a"], name="act") if activation == "Clip"
+           else helper.make_node("Relu", ["h"], ["a"], name="act"))
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W1", "B1"], ["h"], name="conv1", pads=[1] * 4), act,
+         helper.make_node("Conv", ["a", "W2"], ["y"], name="conv2")],
+        "folded", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 10, 10])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 10, 10])],
+        [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(b1, "B1"), numpy_helper.from_array(w2, "W2"),
+         numpy_helper.from_array(np.float32(0), "lo"), numpy_helper.from_array(np.float32(6), "hi")])
+    model = tmp_path / "folded.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model)
+    samples = [{"x": (rng.standard_normal((1, 8, 10, 10)) + 0.5).astype(np.float32)} for _ in range(4)]
+    art = api.compile(model, "host", tmp_path / "folded.int8", quantize="int8", calibration=samples,
+                      activation_dtype=activation_dtype, calibrate_method="minmax", progress=False)
+    quant = art.manifest["quantization"]
+    assert quant["folded_requantizes"] == 1
+    first, second = sorted(quant["quantized"], key=lambda layer: layer["name"])
+    lo, hi = (0, 255) if activation_dtype == "uint8" else (-127, 127)
+
+    def codes(x: np.ndarray, layer: dict) -> np.ndarray:
+        return np.clip(np.rint(x / layer["input_scale"]) + layer["input_zero_point"], lo, hi)
+
+    def conv(x_codes: np.ndarray, layer: dict, weight: np.ndarray, padding: int) -> np.ndarray:
+        wq, w_scale = quantize_per_channel(weight, axis=0)
+        acc = torch.nn.functional.conv2d(torch.from_numpy(x_codes - layer["input_zero_point"]),
+                                         torch.from_numpy(wq.astype(np.float64)), padding=padding).numpy()
+        return acc * (layer["input_scale"] * w_scale.astype(np.float64))[:, None, None]
+
+    x = samples[0]["x"]
+    x_codes = np.clip(np.rint(x * np.float32(1 / first["input_scale"])) + first["input_zero_point"], lo, hi)  # as the kernel rounds
+    h = conv(x_codes.astype(np.float64), first, w1, 1) + b1[:, None, None]
+    a = np.clip(h, 0, 6 if activation == "Clip" else np.inf)
+    assert (h < 0).any() and (activation == "Relu" or (h > 6).any())  # the activation's bounds are exercised
+    expected = conv(codes(a, second), second, w2, 0)
+    actual = art.run({"x": x})["y"]
+    # a code may differ only where the float64 value lies within 1e-3 of a rounding step (float32 math)
+    value = a / second["input_scale"] + second["input_zero_point"]
+    near_tie = (np.abs(value - np.floor(value) - 0.5) < 1e-3).any(axis=1)  # per pixel
+    moved = (np.abs(actual - expected) > 1e-5 * np.max(np.abs(expected))).any(axis=1)
+    assert not (moved & ~near_tie).any() and near_tie.sum() <= 2
+
+
 def test_int8_matmul_with_a_column_tail_equals_the_quantized_reference(tmp_path: Path) -> None:
     """40 output columns on a CPU whose int8 dot product takes 16: the dot product computes 32 and a
     plain matmul the last 8 (no zero columns stored); the result equals the float matmul of the

@@ -51,7 +51,7 @@ def quantization_section(records: Sequence[PassRecord], memory: dict[str, Any]) 
     if stats.get("scheme", "none") == "none":
         return {"scheme": "none"}
     keys = ("scheme", "activation_dtype", "observer", "calibration_samples", "weight_scheme", "group_size",
-            "int8_embeddings", "tied_int8_matmuls", "rounding", "requantize", "integer_requantized", "integer_residual_adds", "integer_mean_pools", "integer_output_biases", "padded_matmul_columns", "split_matmul_columns", "split_conv_channels", "padded_conv_channels", "integer_matmuls", "layers_by_mode", "weights_bytes_float", "sensitivity")
+            "int8_embeddings", "tied_int8_matmuls", "rounding", "requantize", "folded_requantizes", "integer_requantized", "integer_residual_adds", "integer_mean_pools", "integer_output_biases", "padded_matmul_columns", "split_matmul_columns", "split_conv_channels", "padded_conv_channels", "integer_matmuls", "layers_by_mode", "weights_bytes_float", "sensitivity")
     section = {key: stats[key] for key in keys if key in stats}
     section["weights_bytes"] = memory["weights_bytes"]  # of the built module: what ships
     if "weights_bytes_float" in stats:  # not for models that came quantized without float weights (MatMulInteger)
