@@ -911,6 +911,8 @@ class _Rewriter:
         self.model_biases: dict[int, np.ndarray] = {}  # by offset + bias constant: that bias
         self.requantized = 0
         self.folded = 0  # float requantizes folded to one multiply-add (`folded_requantize`)
+        self.bound: dict[Any, Any] = {}  # the given main's var -> value, and each var's uses (`sole_consumer`)
+        self.uses: Counter | None = None
         self.residuals_requantized = 0
         self.pools_requantized = 0
         # `tap_layers` (per-layer verify): every layer's output keeps a var of its own and its offset stays unfolded
@@ -956,9 +958,10 @@ class _Rewriter:
                 mutator.builder_.update_func(gv, new_main)
         return mutator.builder_.get()
 
-    def activation(self, mutator: Any, x: Any, layer: Layer) -> Any:
+    def activation(self, mutator: Any, x: Any, layer: Layer, direct: bool = True) -> Any:
         """x quantized. Through max-pooling and layout ops, which commute exactly with a monotonic
-        quantize, the quantize moves to their input, so they run on 8-bit data too."""
+        quantize, the quantize moves to their input, so they run on 8-bit data too. `direct`: x is
+        the layer's own input (not one a commuting op takes)."""
         from tvm import relax
 
         if layer.quantized_input is not None:
@@ -967,14 +970,42 @@ class _Rewriter:
         if key not in mutator.quantized:
             source = mutator.lookup_binding(x) if isinstance(x, relax.Var) else None
             if isinstance(source, relax.Call) and getattr(source.op, "name", "") in QUANTIZE_COMMUTING_OPS:
-                inner = self.activation(mutator, source.args[0], layer)
+                inner = self.activation(mutator, source.args[0], layer, direct=False)
                 expr = relax.Call(source.op, [inner, *source.args[1:]], source.attrs, source.ty_args)
             else:
-                expr = self.requantize_expr(mutator, x, layer) if self.integer_requantize else self.folded_requantize(mutator, x, layer)
+                expr = None
+                if self.integer_requantize:
+                    expr = self.requantize_expr(mutator, x, layer)
+                elif direct and self.sole_consumer(layer.call.args[0]):
+                    expr = self.folded_requantize(mutator, x, layer)
                 if expr is None:
                     expr = _quantize_expr(x, layer.scale, layer.zero_point, self.act_dtype)
             mutator.quantized[key] = mutator.builder_.emit(expr)
         return mutator.quantized[key]
+
+    def sole_consumer(self, var: Any) -> bool:
+        """In the model as given, `var` comes from a planned int8 layer through ops of one var
+        operand each (bias, activation), and each value on the way, `var` included, has one use:
+        quantizing it leaves the float chain dead. (ResNet's stem output also feeds a residual add:
+        folding its quantize split the conv, the float epilogue and the requantize into three kernels.)"""
+        from tvm import relax
+
+        if self.uses is None:
+            main = self.mod["main"]
+            self.bound, self.uses = relax.analysis.get_var2val(main), Counter()
+            relax.analysis.post_order_visit(main.body, lambda e: self.uses.update([e]) if isinstance(e, relax.Var) else None)
+        for _ in range(8):
+            value = self.bound.get(var) if isinstance(var, relax.Var) else None
+            if value is None or self.uses[var] != 1:
+                return False
+            if id_of(value) in self.plans:
+                return True
+            operands = [a for arg in getattr(value, "args", []) for a in (arg.fields if isinstance(arg, relax.Tuple) else [arg])]
+            inputs = [a for a in operands if isinstance(a, relax.Var)]
+            if len(inputs) != 1:
+                return False
+            var = inputs[0]
+        return False
 
     def folded_requantize(self, mutator: Any, x: Any, layer: Layer) -> Any:
         """x quantized for `layer` in one float multiply-add from the accumulator of the int8 layer
