@@ -17,8 +17,9 @@ The convolution or matmul runs in integer arithmetic with int32 accumulation (a 
 explicitly with zx, so the correction term is exact at the borders). What follows (rescale,
 bias, activation) is float, and TVM's FuseOps fuses it with the next layer's quantize into the
 producing kernel: a requantize, so tensors between quantized layers are stored as 8 bits. Where
-a layer's output reaches the next quantize through only its bias and a ReLU/clip, that chain is
-folded into one multiply-add and a clip (`requantize.float_requantize`; stat `folded_requantizes`).
+a layer's output reaches the next quantize through only its bias and a ReLU/clip, and nothing
+else takes it, that chain is one multiply-add and a clip (`requantize.float_requantize`; stat
+`folded_requantizes`).
 With `requantize="integer"` (the target's choice: units without float vectors, like HVX), a
 layer whose output reaches the next quantize through only its bias and a ReLU/clip requantizes
 in integer arithmetic instead (requantize.py): no float is left in that kernel.
@@ -40,7 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -1010,12 +1010,12 @@ class _Rewriter:
     def folded_requantize(self, mutator: Any, x: Any, layer: Layer) -> Any:
         """x quantized for `layer` in one float multiply-add from the accumulator of the int8 layer
         that made it (`float_requantize`), when x is that layer's output through its bias and a
-        ReLU/clip; None otherwise."""
+        ReLU/clip, if any; None otherwise."""
         from .requantize import float_requantize, trace_layer_epilogue
 
         found = trace_layer_epilogue(mutator, x, self.dequantized, self.model_biases)
-        if found is None or (found.low == -math.inf and found.high == math.inf):
-            return None  # (an output without activation usually feeds a residual add too: the fold would split its kernel)
+        if found is None:
+            return None
         self.folded += 1
         return float_requantize(found, layer.scale, layer.zero_point, self.act_dtype, _fence)
 
