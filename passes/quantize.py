@@ -889,6 +889,8 @@ class _Rewriter:
 
     def __init__(self, mod: Any, plans: dict[int, Layer], options: dict[str, Any], switch: Any = None,
                  multiples: tuple[int, int] = (1, 1)) -> None:
+        from tvm import relax
+
         self.mod = mod
         # int8 matmul weights get zero columns up to a multiple of the first, conv inputs zero channels up to the second
         self.column_multiple, self.channel_multiple = multiples
@@ -911,8 +913,10 @@ class _Rewriter:
         self.model_biases: dict[int, np.ndarray] = {}  # by offset + bias constant: that bias
         self.requantized = 0
         self.folded = 0  # float requantizes folded to one multiply-add (`folded_requantize`)
-        self.bound: dict[Any, Any] = {}  # the given main's var -> value, and each var's uses (`sole_consumer`)
-        self.uses: Counter | None = None
+        # the given main's var -> value, and each var's uses (`sole_consumer`)
+        self.bound = relax.analysis.get_var2val(mod["main"])
+        self.uses: Counter = Counter()
+        relax.analysis.post_order_visit(mod["main"].body, lambda e: self.uses.update([e]) if isinstance(e, relax.Var) else None)
         self.residuals_requantized = 0
         self.pools_requantized = 0
         # `tap_layers` (per-layer verify): every layer's output keeps a var of its own and its offset stays unfolded
@@ -990,11 +994,7 @@ class _Rewriter:
         folding its quantize split the conv, the float epilogue and the requantize into three kernels.)"""
         from tvm import relax
 
-        if self.uses is None:
-            main = self.mod["main"]
-            self.bound, self.uses = relax.analysis.get_var2val(main), Counter()
-            relax.analysis.post_order_visit(main.body, lambda e: self.uses.update([e]) if isinstance(e, relax.Var) else None)
-        for _ in range(8):
+        for _ in range(8):  # (a bias, an activation, the importer's max/min pair: a few ops at most)
             value = self.bound.get(var) if isinstance(var, relax.Var) else None
             if value is None or self.uses[var] != 1:
                 return False
@@ -1011,9 +1011,9 @@ class _Rewriter:
         """x quantized for `layer` in one float multiply-add from the accumulator of the int8 layer
         that made it (`float_requantize`), when x is that layer's output through its bias and a
         ReLU/clip, if any; None otherwise."""
-        from .requantize import float_requantize, trace_layer_epilogue
+        from .requantize import float_requantize, trace_epilogue
 
-        found = trace_layer_epilogue(mutator, x, self.dequantized, self.model_biases)
+        found = trace_epilogue(mutator, x, self.dequantized, self.model_biases, through_affine=False)
         if found is None:
             return None
         self.folded += 1

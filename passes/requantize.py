@@ -80,9 +80,11 @@ def resolve(mutator: Any, var: Any) -> Any:
     return None if value is None or value is var else (var, value)
 
 
-def trace_epilogue(mutator: Any, x: Any, dequantized: dict[int, Dequantized], model_biases: dict[int, np.ndarray]) -> Epilogue | None:
+def trace_epilogue(mutator: Any, x: Any, dequantized: dict[int, Dequantized], model_biases: dict[int, np.ndarray],
+                   through_affine: bool = True) -> Epilogue | None:
     """x's chain back to a dequantized accumulator: [relu | clip] (add(dequantized, bias constant) | dequantized),
-    or [relu | clip] of an inference BatchNorm's affine over such outputs concatenated (`_affine_epilogue`).
+    or (`through_affine`) [relu | clip] of an inference BatchNorm's affine over such outputs
+    concatenated (`_affine_epilogue`, which emits the int32 concatenation).
 
     `dequantized`: by the hash of each dequantized output var (an IR node's identity);
     `model_biases`: by the hash of a bias constant that holds the model's bias minus the layer's
@@ -90,7 +92,9 @@ def trace_epilogue(mutator: Any, x: Any, dequantized: dict[int, Dequantized], mo
     found, low, high = _peel_activations(mutator, x, dequantized)
     if found is None:
         return None
-    epilogue = _layer_output(mutator, found, dequantized, model_biases) or _affine_epilogue(mutator, found, dequantized, model_biases)
+    epilogue = _layer_output(mutator, found, dequantized, model_biases)
+    if epilogue is None and through_affine:
+        epilogue = _affine_epilogue(mutator, found, dequantized, model_biases)
     return None if epilogue is None else dataclasses.replace(epilogue, low=low, high=high)
 
 
@@ -423,14 +427,6 @@ def integer_requantize(mutator: Any, epilogue: Epilogue, scale: float, zero_poin
     return mutator.builder_.call_te(_requantize_te, epilogue.source.acc, relax.const(bias_codes.astype(np.int32).reshape(-1)),
                                     relax.const(multiplier.reshape(-1)), axis=_channel_axis(epilogue), shift=shift, zero_point=zero_point,
                                     bounds=_clip_bounds(epilogue, scale, zero_point, dtype), dtype=dtype, primfunc_name_hint="requantize")
-
-
-def trace_layer_epilogue(mutator: Any, x: Any, dequantized: dict[int, Dequantized], model_biases: dict[int, np.ndarray]) -> Epilogue | None:
-    """`trace_epilogue`'s first form only: [relu | clip] (add(dequantized, bias constant) | dequantized)
-    of one int8 layer; it emits nothing."""
-    found, low, high = _peel_activations(mutator, x, dequantized)
-    epilogue = None if found is None else _layer_output(mutator, found, dequantized, model_biases)
-    return None if epilogue is None else dataclasses.replace(epilogue, low=low, high=high)
 
 
 def float_requantize(epilogue: Epilogue, scale: float, zero_point: int, dtype: str, fence: Any) -> Any:

@@ -242,7 +242,8 @@ def test_folded_requantize_gives_the_codes_of_dequantize_activation_quantize(tmp
     """conv -> bias -> ReLU6/ReLU -> conv: the first conv's int32 accumulator goes to the second's
     8-bit input in one multiply-add, its bias, zero-point correction and the next zero point in
     one offset and the activation in the clip bounds. Its output equals a float64 reference of
-    the unfolded chain (dequantize, bias, activation, quantize) to float rounding: no code moved."""
+    the unfolded chain (dequantize, bias, activation, quantize) to float rounding: a code may move
+    only where the value lies within float32 rounding of a rounding step."""
     import torch
 
     rng = np.random.default_rng(3)
