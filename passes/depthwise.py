@@ -62,8 +62,12 @@ def schedule_depthwise(sch: Any, block_rv: Any, shape: DepthwiseShape, lanes: in
     # accumulators under TVM's stack limit: a tile of 1 KiB or more comes from its workspace pool,
     # and past the padding's bounds tests between taps LLVM then stored every accumulator to it
     # after every multiply-add (16 pixels x 16 int32 lanes: the int8 48x48x16 conv)
+    # More pixels before more channels: each tap's weight vectors (sign-extended first in int8) are
+    # loaded once per tile and serve its pixels (MobileNetV2 int8 0.2558 -> 0.2411 ms, float 0.3453
+    # -> 0.3321 with 12 x 1 tiles over 2 x 6 ones).
     accumulator_bytes = lanes * 4
-    rows, vectors = tile_shape(shape.width, shape.channels // lanes, vector_registers(features), (STACK_ALLOCA_BYTES - 1) // accumulator_bytes)
+    rows, vectors = tile_shape(shape.width, shape.channels // lanes, vector_registers(features), (STACK_ALLOCA_BYTES - 1) // accumulator_bytes,
+                               more_rows=True)
     x_outer, x_inner = sch.split(x, factors=[None, rows])
     f_outer, f_vector, f_lane = sch.split(f, factors=[None, vectors, lanes])
     sch.reorder(n, y, x_outer, f_outer, ry, rx, rc, x_inner, f_vector, f_lane)

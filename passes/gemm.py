@@ -246,13 +246,14 @@ def vector_registers(features: frozenset[str]) -> int:
 STACK_ALLOCA_BYTES = 1024  # TVM's kMaxStackAlloca: smaller kernel intermediates live on the stack
 
 
-def tile_shape(rows: int, column_vectors: int, registers: int, max_vectors: int = 0) -> tuple[int, int]:
+def tile_shape(rows: int, column_vectors: int, registers: int, max_vectors: int = 0, more_rows: bool = False) -> tuple[int, int]:
     """The largest tile (rows, column vectors) that divides the output and fits the registers (and
     has at most `max_vectors` accumulators, when given); among equals, the one with more columns (a
-    wider run of each B row)."""
-    fits = [(r * c, c, r) for r in (ROW_CHOICES if rows else (1,)) for c in COLUMN_VECTOR_CHOICES
+    wider run of each B row), or with `more_rows` the one with more rows (more outputs per weight
+    vector loaded)."""
+    fits = [(r * c, r if more_rows else c, r, c) for r in (ROW_CHOICES if rows else (1,)) for c in COLUMN_VECTOR_CHOICES
             if rows % r == 0 and column_vectors % c == 0 and r * c + c + 1 <= registers and (not max_vectors or r * c <= max_vectors)]
-    _, c, r = max(fits)
+    _, _, r, c = max(fits)
     return r, c
 
 
