@@ -143,6 +143,19 @@ def test_depthwise_conv_tiles_match_numpy(dtype: str, acc: str, channels: int, s
         np.testing.assert_allclose(got, expected * scale, rtol=1e-4, atol=1e-4)
 
 
+def test_depthwise_tiles_take_pixels_before_channel_vectors() -> None:
+    """A depthwise tap's weight vectors serve the tile's pixels: its tile is as many pixels as fit
+    (MobileNetV2's 24-wide, 96-channel layer: 12 x 1 vectors), where a matmul's is as many columns."""
+    from toolchain.passes.gemm import tile_shape
+
+    accumulators = 15  # under TVM's 1 KiB stack limit at 64 bytes each
+    assert tile_shape(24, 6, 32, accumulators, more_rows=True) == (12, 1)
+    assert tile_shape(24, 6, 32, accumulators) == (2, 6)
+    assert tile_shape(3, 30, 32, accumulators, more_rows=True) == (3, 5)  # no more pixels: more vectors
+    rows, vectors = tile_shape(48, 3, 32, accumulators, more_rows=True)
+    assert rows * vectors <= accumulators and 48 % rows == 0 and rows == 12
+
+
 def _elementwise_kernel(function, n: int):
     from tvm import te
 
