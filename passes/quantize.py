@@ -49,7 +49,7 @@ import numpy as np
 
 from .base import CompileContext, GraphPass, PassInputError
 from .gemm import int8_column_multiple, int8_reduction_multiple
-from .requantize import Dequantized, fold_output_biases, resolve
+from .requantize import Dequantized, fence, fold_output_biases, resolve
 from .stats import constant_bytes
 
 SCHEMES = ("int8", "int4-weight")
@@ -784,25 +784,14 @@ def _window_sums(wq: np.ndarray, call: Any, padding: list[int]) -> np.ndarray:
 
 
 def _dequantize(values: Any, scales: Any) -> Any:
-    """float(values) * scales, fenced from the bias add that follows (`_fence`)."""
+    """float(values) * scales, fenced from the bias add that follows (`requantize.fence`)."""
     from tvm import relax
 
-    return _fence(relax.op.multiply(relax.op.astype(values, "float32"), scales))
-
-
-def _fence(product: Any) -> Any:
-    """max(product, -FLT_MAX): changes no finite value and keeps `product + c` from becoming a fused
-    multiply-add. TVM's LLVM code generator always allows fusing float ops, so `x * s + b` becomes
-    one wherever LLVM sees both in one expression, which depends on the target and on how the
-    kernel was scheduled: results would differ by an ulp between host, ARM and Hexagon builds of
-    the same int8 model, and an ulp moves a value across a rounding step of the next quantize."""
-    from tvm import relax
-
-    return relax.op.maximum(product, relax.const(np.float32(-np.finfo(np.float32).max)))
+    return fence(relax.op.multiply(relax.op.astype(values, "float32"), scales))
 
 
 def fence_products(mod: Any) -> tuple[Any, int]:
-    """Every float multiply that an add or subtract of `main` takes goes through `_fence` (the
+    """Every float multiply that an add or subtract of `main` takes goes through `requantize.fence` (the
     float ops an int8 build keeps, e.g. a pre-activation batch norm's scale and shift); returns
     the module and how many products were fenced."""
     from tvm import relax
@@ -826,7 +815,7 @@ def fence_products(mod: Any) -> tuple[Any, int]:
             if name not in rebuild or not any(products):
                 return new
             fenced += sum(products)
-            return rebuild[name](*[_fence(arg) if product else arg for arg, product in zip(new.args, products)])
+            return rebuild[name](*[fence(arg) if product else arg for arg, product in zip(new.args, products)])
 
     mutator = Fence(mod)
     mutator.builder_.update_func(mod.get_global_var("main"), mutator.visit_expr(main))
@@ -1017,7 +1006,7 @@ class _Rewriter:
         if found is None:
             return None
         self.folded += 1
-        return float_requantize(found, layer.scale, layer.zero_point, self.act_dtype, _fence)
+        return float_requantize(found, layer.scale, layer.zero_point, self.act_dtype)
 
     def requantize_expr(self, mutator: Any, x: Any, layer: Layer) -> Any:
         """x quantized for `layer` in integer arithmetic from the accumulator of the int8 layer that

@@ -429,7 +429,18 @@ def integer_requantize(mutator: Any, epilogue: Epilogue, scale: float, zero_poin
                                     bounds=_clip_bounds(epilogue, scale, zero_point, dtype), dtype=dtype, primfunc_name_hint="requantize")
 
 
-def float_requantize(epilogue: Epilogue, scale: float, zero_point: int, dtype: str, fence: Any) -> Any:
+def fence(product: Any) -> Any:
+    """max(product, -FLT_MAX): changes no finite value and keeps `product + c` from becoming a fused
+    multiply-add. TVM's LLVM code generator always allows fusing float ops, so `x * s + b` becomes
+    one wherever LLVM sees both in one expression, which depends on the target and on how the
+    kernel was scheduled: results would differ by an ulp between host, ARM and Hexagon builds of
+    the same int8 model, and an ulp moves a value across a rounding step of the next quantize."""
+    from tvm import relax
+
+    return relax.op.maximum(product, relax.const(np.float32(-np.finfo(np.float32).max)))
+
+
+def float_requantize(epilogue: Epilogue, scale: float, zero_point: int, dtype: str) -> Any:
     """The float requantize folded into one multiply-add per element,
 
         q = clip(round(fence(float(acc) * (r[c] / s)) + (b[c] - C[c] * r[c]) / s + z), lo', hi')
