@@ -437,28 +437,65 @@ def fence(product: Any) -> Any:
     the same int8 model, and an ulp moves a value across a rounding step of the next quantize."""
     from tvm import relax
 
-    return relax.op.maximum(product, relax.const(np.float32(-np.finfo(np.float32).max)))
+    return relax.op.maximum(product, relax.const(np.float32(FLOAT_LOWEST)))
 
 
-def float_requantize(epilogue: Epilogue, scale: float, zero_point: int, dtype: str) -> Any:
+FLOAT_LOWEST = float(-np.finfo(np.float32).max)
+
+
+def float_requantize(mutator: Any, epilogue: Epilogue, scale: float, zero_point: int, dtype: str, as_kernel: bool = True) -> Any:
     """The float requantize folded into one multiply-add per element,
 
-        q = clip(round(fence(float(acc) * (r[c] / s)) + (b[c] - C[c] * r[c]) / s + z), lo', hi')
+        q = clip(lrint(fence(float(acc) * (r[c] / s)) + (b[c] - C[c] * r[c]) / s + z), lo', hi')
 
     in place of dequantize, bias, activation and quantize (float(acc) * r, + b - C * r, clip,
     * 1 / s, round, + z, clip: two multiplies and two clips more). The activation folds into the
     clip bounds as in the integer requantize (round is monotonic: clipping before or after it
     gives the same codes). Equal to the unfolded chain up to the rounding of its float steps: a
-    code moves by one only where a value lies within an ulp of a rounding step."""
+    code moves by one only where a value lies within an ulp of a rounding step.
+
+    `lrint` rounds half to even as `round` does, in the conversion to int32 (x86: one `vcvtps2dq`
+    for `vrndscaleps` + `vcvttps2dq`), and the clip is then on integers, which LLVM folds into the
+    narrowing (uint8 from 0 to 255: `vpmaxsd` + `vpmovusdb` for two float clips and `vpmovdb`).
+    Where the value could leave int32 (the layer's largest |acc| times the multiplier), the clip
+    stays in float, before the conversion. Without `as_kernel` (a target whose accelerator takes
+    graph ops, not kernels: the partition must see them), the same sum as Relax ops, rounded and
+    clipped in float."""
     from tvm import relax
 
     op, source = relax.op, epilogue.source
     rescale = source.rescale.astype(np.float64)
     multiplier = (rescale / scale).astype(np.float32)
     offset = ((epilogue.bias.astype(np.float64) - source.correction * rescale) / scale + zero_point).astype(np.float32)
-    product = fence(op.multiply(op.astype(source.acc, "float32"), relax.const(multiplier)))
     lo, hi = _clip_bounds(epilogue, scale, zero_point, dtype)
-    return op.astype(op.clip(op.round(op.add(product, relax.const(offset))), lo, hi), dtype)
+    if not as_kernel:
+        product = fence(op.multiply(op.astype(source.acc, "float32"), relax.const(multiplier)))
+        return op.astype(op.clip(op.round(op.add(product, relax.const(offset))), lo, hi), dtype)
+    largest = float(source.acc_bound) * float(np.abs(multiplier).max()) + float(np.abs(offset).max())
+    return mutator.builder_.call_te(_float_requantize_te, source.acc, relax.const(multiplier.reshape(-1)), relax.const(offset.reshape(-1)),
+                                    axis=_channel_axis(epilogue), bounds=(lo, hi), clip_in_float=largest >= LRINT_SAFE, dtype=dtype, primfunc_name_hint="requantize")
+
+
+LRINT_SAFE = float(1 << 30)  # |value| under this converts to int32 with room to spare
+
+
+def _float_requantize_te(acc: Any, multiplier: Any, offset: Any, *, axis: int | None, bounds: tuple[int, int], clip_in_float: bool,
+                         dtype: str) -> Any:
+    """One stage: the fenced product, the offset, lrint to int32 and the clip (in float first where
+    the value could leave int32), the cast to 8 bits."""
+    from tvm import te, tirx
+
+    lo, hi = bounds
+
+    def code(*index: Any) -> Any:
+        product = tirx.max(acc[index].astype("float32") * _per_channel(multiplier, index, axis), tirx.const(FLOAT_LOWEST, "float32"))
+        value = product + _per_channel(offset, index, axis)
+        if clip_in_float:
+            value = tirx.max(tirx.min(value, tirx.const(hi, "float32")), tirx.const(lo, "float32"))
+        rounded = tirx.call_llvm_pure_intrin("int32", "llvm.lrint", value)
+        return tirx.max(tirx.min(rounded, hi), lo).astype(dtype)
+
+    return te.compute(acc.shape, code, name="float_requantize")
 
 
 RESIDUAL_FRACTION_BITS = 8

@@ -236,6 +236,30 @@ def test_int8_conv_equals_the_quantized_reference(tmp_path: Path, activation_dty
     assert np.max(np.abs(actual - expected)) <= 1e-5 * np.max(np.abs(expected))
 
 
+@pytest.mark.parametrize("clip_in_float", [False, True])
+def test_folded_requantize_kernel_rounds_half_to_even_and_saturates(clip_in_float: bool) -> None:
+    """The folded requantize's kernel (lrint, then the clip): ties go to the even code as numpy's
+    rint does, and values far past the bounds give the bound, also where they would leave int32
+    (the kernel clips in float first when the layer's accumulators could get there)."""
+    import tvm
+    from tvm import te
+
+    from toolchain.passes.requantize import _float_requantize_te
+
+    acc = te.placeholder((12,), "int32", name="acc")
+    multiplier, offset = te.placeholder((1,), "float32", name="m"), te.placeholder((1,), "float32", name="o")
+    out = _float_requantize_te(acc, multiplier, offset, axis=None, bounds=(3, 250), clip_in_float=clip_in_float, dtype="uint8")
+    lib = tvm.compile(tvm.IRModule({"main": te.create_prim_func([acc, multiplier, offset, out])}), target="llvm")
+    big = 1 << 30 if clip_in_float else 1 << 20
+    values = np.array([1, 3, 5, 7, 9, 13, 400, 500, 501, -big, big, 0], np.int32)  # x 0.5 + 2: ties at 2.5, 3.5, ...
+    scale = np.float32(8.0 if clip_in_float else 0.5)
+    got = tvm.runtime.tensor(np.zeros(12, np.uint8))
+    lib["main"](tvm.runtime.tensor(values), tvm.runtime.tensor(np.array([scale])), tvm.runtime.tensor(np.array([2.0], np.float32)), got)
+    expected = np.clip(np.rint(values.astype(np.float64) * float(scale) + 2.0), 3, 250).astype(np.uint8)
+    np.testing.assert_array_equal(got.numpy(), expected)
+    assert expected[-3] == 3 and expected[-2] == 250  # the bounds are reached from both sides
+
+
 @pytest.mark.parametrize("activation_dtype,activation", [("uint8", "Clip"), ("int8", "Relu")])
 def test_folded_requantize_gives_the_codes_of_dequantize_activation_quantize(tmp_path: Path, activation_dtype: str,
                                                                              activation: str) -> None:
