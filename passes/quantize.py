@@ -122,14 +122,21 @@ class Quantize(GraphPass):
             stats.update(_plan_int4(mod, layers, ctx))
         activation_dtype = options.get("activation_dtype") or "uint8"
         multiples = (int8_column_multiple(ctx.features, ctx.vector_bits, activation_dtype), int8_reduction_multiple(ctx.features, activation_dtype))
-        return _rewrite(mod, layers, options, stats, multiples, graph_ops=bool(ctx.accelerator))
+        return _rewrite(mod, layers, options, stats, multiples, requantize_kernel=_requantize_kernel(ctx))
+
+
+def _requantize_kernel(ctx: CompileContext) -> bool:
+    """Whether a folded requantize is one kernel stage rounding with `lrint` (`float_requantize`):
+    where the vector unit does float and no accelerator partition must see the graph ops (with
+    float vectors, lrint is one conversion; HVX without them called `lrintf` per element)."""
+    return ctx.vector_float and not ctx.accelerator
 
 
 def _rewrite(mod: Any, layers: list[Layer], options: dict[str, Any], stats: dict[str, Any],
-             multiples: tuple[int, int] = (1, 1), graph_ops: bool = False) -> tuple[Any, dict[str, Any]]:
+             multiples: tuple[int, int] = (1, 1), requantize_kernel: bool = True) -> tuple[Any, dict[str, Any]]:
     from tvm import relax
 
-    rewriter = _Rewriter(mod, {id_of(layer.call): layer for layer in layers if layer.mode != "float"}, options, multiples=multiples, graph_ops=graph_ops)
+    rewriter = _Rewriter(mod, {id_of(layer.call): layer for layer in layers if layer.mode != "float"}, options, multiples=multiples, requantize_kernel=requantize_kernel)
     mod = rewriter.rewrite()
     if rewriter.integer_requantize:
         mod, stats["integer_output_biases"] = fold_output_biases(mod, rewriter.dequantized, set(rewriter.offsets))
@@ -231,7 +238,7 @@ def _prequantized(mod: Any, ctx: CompileContext) -> tuple[Any, dict[str, Any]]:
     layers = [layer for layer in layers if layer.mode != "float" or layer.op_type != "Gather"]
     stats = {"scheme": "qdq" if any(layer.mode == "int8" for layer in layers) else "matmul-nbits",
              "weights_bytes_float": constant_bytes(mod), "weight_scheme": "the model's own"}
-    mod, stats = _rewrite(mod, layers, ctx.options, stats, graph_ops=bool(ctx.accelerator))
+    mod, stats = _rewrite(mod, layers, ctx.options, stats, requantize_kernel=_requantize_kernel(ctx))
     if integer_matmuls:
         stats["integer_matmuls"] = integer_matmuls
         stats["layers"] += integer_layers
@@ -877,7 +884,7 @@ class _Rewriter:
     """Rewrites the planned calls of `main`; shares one quantize per (activation, scale, zero point)."""
 
     def __init__(self, mod: Any, plans: dict[int, Layer], options: dict[str, Any], switch: Any = None,
-                 multiples: tuple[int, int] = (1, 1), graph_ops: bool = False) -> None:
+                 multiples: tuple[int, int] = (1, 1), requantize_kernel: bool = True) -> None:
         from tvm import relax
 
         self.mod = mod
@@ -902,7 +909,7 @@ class _Rewriter:
         self.model_biases: dict[int, np.ndarray] = {}  # by offset + bias constant: that bias
         self.requantized = 0
         self.folded = 0  # float requantizes folded to one multiply-add (`folded_requantize`)
-        self.graph_ops = graph_ops  # folds stay Relax ops, which an accelerator's partition can take
+        self.requantize_kernel = requantize_kernel  # folds as one lrint kernel stage, else Relax ops (`_requantize_kernel`)
         # the given main's var -> value, and each var's uses (`sole_consumer`)
         self.bound = relax.analysis.get_var2val(mod["main"])
         self.uses: Counter = Counter()
@@ -1007,7 +1014,7 @@ class _Rewriter:
         if found is None:
             return None
         self.folded += 1
-        return float_requantize(mutator, found, layer.scale, layer.zero_point, self.act_dtype, as_kernel=not self.graph_ops)
+        return float_requantize(mutator, found, layer.scale, layer.zero_point, self.act_dtype, as_kernel=self.requantize_kernel)
 
     def requantize_expr(self, mutator: Any, x: Any, layer: Layer) -> Any:
         """x quantized for `layer` in integer arithmetic from the accumulator of the int8 layer that

@@ -458,9 +458,9 @@ def float_requantize(mutator: Any, epilogue: Epilogue, scale: float, zero_point:
     for `vrndscaleps` + `vcvttps2dq`), and the clip is then on integers, which LLVM folds into the
     narrowing (uint8 from 0 to 255: `vpmaxsd` + `vpmovusdb` for two float clips and `vpmovdb`).
     Where the value could leave int32 (the layer's largest |acc| times the multiplier), the clip
-    stays in float, before the conversion. Without `as_kernel` (a target whose accelerator takes
-    graph ops, not kernels: the partition must see them), the same sum as Relax ops, rounded and
-    clipped in float."""
+    stays in float, before the conversion. Without `as_kernel` (no float vectors, where lrint is a
+    libm call per element, or an accelerator partition that must see graph ops, not a kernel),
+    the same sum as Relax ops, rounded and clipped in float."""
     from tvm import relax
 
     op, source = relax.op, epilogue.source
